@@ -1,0 +1,468 @@
+"""Pure conversion between conntrack entries and the Save/Load payload.
+
+The payload is the one the Perl helper in qemu-server sends and reads:
+conntrack-tools ``save`` lines (``conntrack -L -o save``, see
+shared/docs/SAVE_FORMAT.md) with `` --mark VMID`` appended, each ending in
+``\\n``; a single ``\\x00`` byte means "no entries" because QEMU rejects an
+empty array. No I/O happens here.
+
+The parser is deliberately stricter than conntrack's getopt loop: it accepts
+the create lines a save dump consists of and refuses, with a reason, anything
+else (other commands, unknown or repeated options, foreign marks, values out of
+range), line by line, so one bad line never costs the others.
+"""
+
+from __future__ import annotations
+
+import socket
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from .entry import (
+    AF_INET,
+    AF_INET6,
+    DCCP_ROLES,
+    DCCP_STATES,
+    ICMP_REPLY_TYPE,
+    ICMPV6_REPLY_TYPE,
+    IPS_DST_NAT,
+    IPS_DST_NAT_DONE,
+    IPS_SRC_NAT,
+    IPS_SRC_NAT_DONE,
+    NULL_NAME,
+    PROTO_BY_NAME,
+    PROTO_DCCP,
+    PROTO_GRE,
+    PROTO_ICMP,
+    PROTO_ICMPV6,
+    PROTO_NAMES,
+    PROTO_SCTP,
+    PROTO_TCP,
+    PROTO_UDP,
+    PROTO_UDPLITE,
+    SCTP_STATES,
+    STATUS_TEXT_BITS,
+    TCP_STATES,
+    Entry,
+)
+from .errors import CodecError
+
+#: QEMU's limit for one helper's state, inclusive.
+MAX_PAYLOAD = 1 << 20
+#: What Save returns when there is nothing to send (QEMU refuses an empty array).
+NO_STATE = b"\x00"
+#: A real save line is at most ~350 bytes; longer ones are refused unparsed.
+MAX_LINE = 4096
+#: How many refused lines a decoded payload keeps for the log (all are counted).
+MAX_REFUSAL_SAMPLES = 20
+
+_inet_ntop = socket.inet_ntop
+_inet_pton = socket.inet_pton
+_LITTLE = sys.byteorder == "little"
+
+
+def vtag_text(value: int) -> int:
+    """Convert an SCTP vtag between the kernel's be32 value and conntrack's text.
+
+    conntrack-tools swaps the bytes twice on the way, so on a little-endian host
+    the number in the text is the byte-swapped attribute value (SAVE_FORMAT.md
+    §5.4). The conversion is its own inverse.
+    """
+    if not _LITTLE:
+        return value
+    return int.from_bytes(value.to_bytes(4, "big"), "little")
+
+
+def status_text(status: int) -> str:
+    """Render ``-u``: the printable IPS_* bits in conntrack's order, or ``UNSET``."""
+    names = [name for bit, name in STATUS_TEXT_BITS if status & bit]
+    return ",".join(names) if names else "UNSET"
+
+
+def _name(table: tuple[str, ...], value: int) -> str:
+    return table[value] if 0 <= value < len(table) else NULL_NAME
+
+
+def render_line(e: Entry) -> str:
+    """Render one entry as conntrack 1.4.7 ``-o save`` prints it (no newline, no mark)."""
+    fam = e.family
+    out = ["-A"]
+    if e.timeout is not None:
+        out.append("-t %d" % e.timeout)
+    if e.status is not None:
+        out.append("-u " + status_text(e.status))
+    if e.zone is not None:
+        out.append("-w %d" % e.zone)
+    if e.orig_zone is not None:
+        out.append("--orig-zone %d" % e.orig_zone)
+    if e.reply_zone is not None:
+        out.append("--reply-zone %d" % e.reply_zone)
+    out.append("-s %s -d %s" % (_inet_ntop(fam, e.orig_src), _inet_ntop(fam, e.orig_dst)))
+    out.append(("-g %s" if e.is_dnat() else "-r %s") % _inet_ntop(fam, e.reply_src))
+    out.append(("-n %s" if e.is_snat() else "-q %s") % _inet_ntop(fam, e.reply_dst))
+    proto = e.proto
+    name = PROTO_NAMES.get(proto)
+    if name is None:
+        out.append("-p %d" % proto)
+        return " ".join(out)
+    out.append("-p " + name)
+    if proto in (PROTO_ICMP, PROTO_ICMPV6):
+        pre = "--icmp-" if proto == PROTO_ICMP else "--icmpv6-"
+        if e.icmp_type is not None:
+            out.append("%stype %d" % (pre, e.icmp_type))
+        if e.icmp_code is not None:
+            out.append("%scode %d" % (pre, e.icmp_code))
+        if e.icmp_id is not None:
+            out.append("%sid %d" % (pre, e.icmp_id))
+        return " ".join(out)
+    if proto == PROTO_GRE:
+        keys = ("--srckey", "--dstkey", "--reply-key-src", "--reply-key-dst")
+    else:
+        keys = ("--sport", "--dport", "--reply-port-src", "--reply-port-dst")
+    for opt, val in zip(keys, (e.sport, e.dport, e.reply_sport, e.reply_dport), strict=False):
+        if val is not None:
+            out.append("%s %d" % (opt, val))
+    if e.state is not None:
+        if proto == PROTO_TCP:
+            out.append("--state " + _name(TCP_STATES, e.state))
+        elif proto == PROTO_SCTP:
+            out.append("--state " + _name(SCTP_STATES, e.state))
+        elif proto == PROTO_DCCP:
+            out.append("--state " + _name(DCCP_STATES, e.state))
+    if proto == PROTO_SCTP:
+        if e.vtag_orig is not None:
+            out.append("--orig-vtag %d" % vtag_text(e.vtag_orig))
+        if e.vtag_reply is not None:
+            out.append("--reply-vtag %d" % vtag_text(e.vtag_reply))
+    elif proto == PROTO_DCCP and e.dccp_role is not None:
+        out.append("--role " + _name(DCCP_ROLES, e.dccp_role))
+    return " ".join(out)
+
+
+# ---------------------------------------------------------------- parsing
+
+_CREATE_COMMANDS = frozenset(("-A", "-I"))
+_OTHER_COMMANDS = frozenset((
+    "-D", "-U", "-F", "-L", "-G", "-E", "-C", "-S", "-R", "-V", "-h",
+    "--delete", "--update", "--flush", "--dump", "--get", "--event", "--count",
+    "--stats", "--load-file", "--add", "--create",
+))
+
+# option token -> canonical key; only what a save line (plus --mark) contains.
+_OPTIONS: dict[str, str] = {
+    "-t": "t", "-u": "u", "-w": "w", "--orig-zone": "orig-zone", "--reply-zone": "reply-zone",
+    "-s": "s", "-d": "d", "-r": "r", "-q": "q", "-g": "g", "-n": "n", "-p": "p",
+    "--sport": "sport", "--dport": "dport",
+    "--reply-port-src": "reply-sport", "--reply-port-dst": "reply-dport",
+    "--srckey": "sport", "--dstkey": "dport",
+    "--reply-key-src": "reply-sport", "--reply-key-dst": "reply-dport",
+    "--state": "state", "--orig-vtag": "orig-vtag", "--reply-vtag": "reply-vtag",
+    "--role": "role",
+    "--icmp-type": "icmp-type", "--icmp-code": "icmp-code", "--icmp-id": "icmp-id",
+    "--icmpv6-type": "icmpv6-type", "--icmpv6-code": "icmpv6-code", "--icmpv6-id": "icmpv6-id",
+    "--mark": "mark", "-m": "mark",
+}
+_COMMON_KEYS = frozenset((
+    "t", "u", "w", "orig-zone", "reply-zone", "s", "d", "r", "q", "g", "n", "p", "mark",
+))
+_PORTS = frozenset(("sport", "dport", "reply-sport", "reply-dport"))
+_PROTO_KEYS: dict[int, frozenset[str]] = {
+    PROTO_TCP: _PORTS | {"state"},
+    PROTO_UDP: _PORTS,
+    PROTO_UDPLITE: _PORTS,
+    PROTO_GRE: _PORTS,
+    PROTO_SCTP: _PORTS | {"state", "orig-vtag", "reply-vtag"},
+    PROTO_DCCP: _PORTS | {"state", "role"},
+    PROTO_ICMP: frozenset(("icmp-type", "icmp-code", "icmp-id")),
+    PROTO_ICMPV6: frozenset(("icmpv6-type", "icmpv6-code", "icmpv6-id")),
+}
+_NO_KEYS: frozenset[str] = frozenset()
+_STATUS_BY_NAME = {name: bit for bit, name in STATUS_TEXT_BITS}
+_TCP_STATE_BY_NAME = {name: i for i, name in enumerate(TCP_STATES)}
+_TCP_STATE_BY_NAME["LISTEN"] = 9  # conntrack's input alias for SYN_SENT2
+_SCTP_STATE_BY_NAME = {name: i for i, name in enumerate(SCTP_STATES)}
+_DCCP_STATE_BY_NAME = {name: i for i, name in enumerate(DCCP_STATES)}
+_DCCP_ROLE_BY_NAME = {name: i for i, name in enumerate(DCCP_ROLES)}
+
+
+def _uint(opts: dict[str, str], key: str, maximum: int) -> int | None:
+    tok = opts.get(key)
+    if tok is None:
+        return None
+    # isdecimal() alone admits non-ASCII digits; the length cap keeps int() cheap.
+    if not (tok.isascii() and tok.isdecimal()) or len(tok) > 10:
+        raise CodecError("--%s: %r is not a decimal number" % (key, tok))
+    value = int(tok)
+    if value > maximum:
+        raise CodecError("--%s: %d is out of range (0..%d)" % (key, value, maximum))
+    return value
+
+
+def _need(opts: dict[str, str], key: str, maximum: int, proto: str) -> int:
+    value = _uint(opts, key, maximum)
+    if value is None:
+        raise CodecError("-p %s needs --%s" % (proto, key))
+    return value
+
+
+def _addr(opts: dict[str, str], keys: tuple[str, ...]) -> tuple[int, bytes, str]:
+    for key in keys:
+        tok = opts.get(key)
+        if tok is None:
+            continue
+        for fam in (AF_INET, AF_INET6):
+            try:
+                return fam, _inet_pton(fam, tok), key
+            except OSError:
+                continue
+        raise CodecError("-%s: %r is not an IPv4 or IPv6 address" % (key, tok))
+    raise CodecError("missing -%s" % "/-".join(keys))
+
+
+def _status(tok: str) -> int:
+    if tok == "UNSET":
+        return 0
+    status = 0
+    for word in tok.split(","):
+        bit = _STATUS_BY_NAME.get(word)
+        if bit is None:
+            raise CodecError("-u: unknown status %r" % word)
+        status |= bit
+    return status
+
+
+def _lookup(table: dict[str, int], tok: str | None, what: str) -> int:
+    if tok is None:
+        raise CodecError("missing --%s" % what)
+    value = table.get(tok)
+    if value is None:
+        raise CodecError("--%s: unknown value %r" % (what, tok))
+    return value
+
+
+def _tokens(line: str) -> dict[str, str]:
+    toks = line.split()
+    cmd = toks[0]
+    if cmd not in _CREATE_COMMANDS:
+        if cmd in _OTHER_COMMANDS:
+            raise CodecError("only create lines (-A) are accepted, not %s" % cmd)
+        raise CodecError("line does not start with -A")
+    opts: dict[str, str] = {}
+    i, n = 1, len(toks)
+    while i < n:
+        tok = toks[i]
+        key = _OPTIONS.get(tok)
+        if key is None:
+            if tok in _OTHER_COMMANDS or tok in _CREATE_COMMANDS:
+                raise CodecError("a second command %s on one line" % tok)
+            raise CodecError("unknown option %r" % tok[:40])
+        if i + 1 >= n:
+            raise CodecError("%s needs a value" % tok)
+        if key in opts:
+            raise CodecError("%s given twice" % tok)
+        opts[key] = toks[i + 1]
+        i += 2
+    return opts
+
+
+def parse_line(line: str, mark: int | None = None) -> Entry:
+    """Parse one ``-A`` save line into an :class:`Entry`.
+
+    :param line: one line, without its newline
+    :param mark: when given, a ``--mark`` on the line must equal it
+    :raises CodecError: with the reason the line is refused
+    """
+    if len(line) > MAX_LINE:
+        raise CodecError("line longer than %d characters" % MAX_LINE)
+    opts = _tokens(line)
+
+    ptok = opts.get("p")
+    if ptok is None:
+        raise CodecError("missing -p")
+    if ptok in PROTO_BY_NAME:
+        proto = PROTO_BY_NAME[ptok]
+    else:
+        proto = _need(opts, "p", 255, "")
+    pname = PROTO_NAMES.get(proto, str(proto))
+    allowed = _PROTO_KEYS.get(proto, _NO_KEYS)
+    for key in opts:
+        if key not in _COMMON_KEYS and key not in allowed:
+            raise CodecError("--%s is not valid with -p %s" % (key, pname))
+
+    timeout = _uint(opts, "t", 0xFFFFFFFF)
+    if timeout is None:
+        raise CodecError("missing -t")
+    line_mark = _uint(opts, "mark", 0xFFFFFFFF)
+    if mark is not None and line_mark is not None and line_mark != mark:
+        raise CodecError("--mark %d is not this VM's mark %d" % (line_mark, mark))
+    if "r" in opts and "g" in opts:
+        raise CodecError("-r and -g on one line")
+    if "q" in opts and "n" in opts:
+        raise CodecError("-q and -n on one line")
+    f1, osrc, _ = _addr(opts, ("s",))
+    f2, odst, _ = _addr(opts, ("d",))
+    f3, rsrc, rsrc_key = _addr(opts, ("r", "g"))
+    f4, rdst, rdst_key = _addr(opts, ("q", "n"))
+    if not f1 == f2 == f3 == f4:
+        raise CodecError("addresses of both IPv4 and IPv6 on one line")
+    family = f1
+
+    status: int | None = None
+    if "u" in opts:
+        status = _status(opts["u"])
+    if rdst_key == "n" or rsrc_key == "g":
+        # The text carries NAT as -n/-g only; record it the way a kernel dump
+        # does so that printing and the create request agree.
+        status = status or 0
+        if rdst_key == "n":
+            status |= IPS_SRC_NAT | IPS_SRC_NAT_DONE
+        if rsrc_key == "g":
+            status |= IPS_DST_NAT | IPS_DST_NAT_DONE
+
+    zone = _uint(opts, "w", 0xFFFF)
+    orig_zone = _uint(opts, "orig-zone", 0xFFFF)
+    reply_zone = _uint(opts, "reply-zone", 0xFFFF)
+    if zone is not None and (orig_zone is not None or reply_zone is not None):
+        raise CodecError("-w together with a directional zone")
+    if orig_zone is not None and reply_zone is not None:
+        raise CodecError("--orig-zone together with --reply-zone")
+
+    e = Entry(family, proto, osrc, odst, rsrc, rdst,
+              timeout=timeout, status=status, mark=line_mark,
+              zone=zone, orig_zone=orig_zone, reply_zone=reply_zone)
+
+    if proto in _PROTO_KEYS and proto not in (PROTO_ICMP, PROTO_ICMPV6):
+        e.sport = _need(opts, "sport", 0xFFFF, pname)
+        e.dport = _need(opts, "dport", 0xFFFF, pname)
+        rs = _uint(opts, "reply-sport", 0xFFFF)
+        rd = _uint(opts, "reply-dport", 0xFFFF)
+        # conntrack inverts the original pair when the reply pair is missing.
+        e.reply_sport = e.dport if rs is None else rs
+        e.reply_dport = e.sport if rd is None else rd
+        if proto == PROTO_TCP:
+            e.state = _lookup(_TCP_STATE_BY_NAME, opts.get("state"), "state")
+        elif proto == PROTO_SCTP:
+            e.state = _lookup(_SCTP_STATE_BY_NAME, opts.get("state"), "state")
+            e.vtag_orig = vtag_text(_need(opts, "orig-vtag", 0xFFFFFFFF, pname))
+            e.vtag_reply = vtag_text(_need(opts, "reply-vtag", 0xFFFFFFFF, pname))
+        elif proto == PROTO_DCCP:
+            e.state = _lookup(_DCCP_STATE_BY_NAME, opts.get("state"), "state")
+            e.dccp_role = _lookup(_DCCP_ROLE_BY_NAME, opts.get("role"), "role")
+    elif proto in (PROTO_ICMP, PROTO_ICMPV6):
+        v6 = proto == PROTO_ICMPV6
+        if family != (AF_INET6 if v6 else AF_INET):
+            raise CodecError("-p %s with %s addresses" % (pname, "IPv4" if v6 else "IPv6"))
+        pre = "icmpv6-" if v6 else "icmp-"
+        itype = _need(opts, pre + "type", 255, pname)
+        replies = ICMPV6_REPLY_TYPE if v6 else ICMP_REPLY_TYPE
+        if itype not in replies:
+            # The kernel only creates entries for invertible types (EINVAL otherwise).
+            raise CodecError("--%stype %d cannot be created (not a query type)" % (pre, itype))
+        e.icmp_type = itype
+        e.icmp_code = _need(opts, pre + "code", 255, pname)
+        icmp_id = _uint(opts, pre + "id", 0xFFFF)
+        e.icmp_id = 0 if icmp_id is None else icmp_id
+        e.reply_icmp_type = replies[itype]
+        e.reply_icmp_code = e.icmp_code
+        e.reply_icmp_id = e.icmp_id
+    return e
+
+
+# ---------------------------------------------------------------- payloads
+
+
+@dataclass(slots=True)
+class TextPayload:
+    """What Save hands to QEMU, and what it left out to stay within the limit."""
+
+    data: bytes
+    sent: int
+    left_out: int
+
+
+def encode_text(entries: Iterable[Entry], mark: int, limit: int = MAX_PAYLOAD) -> TextPayload:
+    """Build the Perl-compatible text payload, never longer than ``limit`` bytes.
+
+    Entries that do not fit are counted in ``left_out``; the caller decides the
+    order (the first ones win). Without entries the payload is :data:`NO_STATE`.
+
+    :param entries: entries to send, most important first
+    :param mark: the VM's mark, appended to every line as `` --mark MARK``
+    :param limit: byte budget, at least 1
+    """
+    suffix = " --mark %d\n" % mark
+    parts: list[str] = []
+    size = 0
+    left_out = 0
+    for e in entries:
+        if left_out:
+            left_out += 1
+            continue
+        line = render_line(e) + suffix
+        # Save lines are ASCII, so characters == bytes.
+        if size + len(line) > limit:
+            left_out = 1
+            continue
+        parts.append(line)
+        size += len(line)
+    if not parts:
+        return TextPayload(NO_STATE, 0, left_out)
+    return TextPayload("".join(parts).encode("ascii"), len(parts), left_out)
+
+
+@dataclass(slots=True)
+class Refusal:
+    """One payload line that Load will not apply."""
+
+    line_no: int
+    reason: str
+
+
+@dataclass(slots=True)
+class DecodedPayload:
+    """The entries of a payload, and what was refused (counted, samples kept)."""
+
+    entries: list[Entry] = field(default_factory=list)
+    refused: int = 0
+    samples: list[Refusal] = field(default_factory=list)
+
+    def refuse(self, line_no: int, reason: str) -> None:
+        self.refused += 1
+        if len(self.samples) < MAX_REFUSAL_SAMPLES:
+            self.samples.append(Refusal(line_no, reason))
+
+
+def decode_payload(data: bytes, mark: int) -> DecodedPayload:
+    """Parse a Load payload: ours or the Perl helper's (same text format).
+
+    A payload of at most one byte means "nothing to do". Blank lines and ``#``
+    comments are skipped; every other line either becomes an entry or is
+    refused with a reason. Never raises for bad input.
+
+    :param data: the bytes QEMU passed to Load
+    :param mark: the VM's mark; lines carrying another ``--mark`` are refused
+    """
+    result = DecodedPayload()
+    if len(data) <= 1:
+        return result
+    for no, chunk in enumerate(data.split(b"\n"), 1):
+        raw = chunk.strip()
+        if not raw or raw.startswith(b"#"):
+            continue
+        if len(raw) > MAX_LINE:
+            result.refuse(no, "line longer than %d characters" % MAX_LINE)
+            continue
+        try:
+            line = raw.decode("ascii")
+        except UnicodeDecodeError:
+            result.refuse(no, "line is not ASCII text")
+            continue
+        if not line.isprintable():
+            result.refuse(no, "line holds control characters")
+            continue
+        try:
+            result.entries.append(parse_line(line, mark))
+        except CodecError as err:
+            result.refuse(no, str(err))
+    return result

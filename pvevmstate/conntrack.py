@@ -1,0 +1,228 @@
+"""Conntrack adapter: a ctnetlink socket opened by pyroute2, driven by our codec.
+
+pyroute2 creates the NETLINK_NETFILTER socket (in the caller's network
+namespace); the hot path then talks to that socket directly with batched
+requests and :mod:`pvevmstate.nlmsg`, because pyroute2's generic message
+classes cost 30 to 50 times what the kernel does (NETLINK.md). Everything here
+blocks: the daemon runs it in a worker thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import socket
+import threading
+from collections import Counter
+from dataclasses import dataclass, field
+
+from pyroute2 import NFCTSocket
+
+from . import nlmsg
+from .entry import Entry
+from .errors import ConntrackError
+
+log = logging.getLogger(__name__)
+
+SOL_NETLINK = 270
+NETLINK_CAP_ACK = 10
+# Requested buffer sizes; SO_*BUFFORCE needs CAP_NET_ADMIN, which the helper has.
+RCVBUF = 8 << 20
+SNDBUF = 4 << 20
+# Kernel cost of one queued error/ACK in the receive buffer (NETLINK.md: ~832).
+ACK_COST = 1024
+# One sendmsg stays well under the send buffer (EMSGSIZE otherwise).
+MAX_SEND = 256 << 10
+DUMP_ATTEMPTS = 4
+
+
+@dataclass(slots=True)
+class CreateResult:
+    """Outcome of creating a batch of entries."""
+
+    created: int = 0
+    failed: Counter[int] = field(default_factory=Counter)
+    # Replies the kernel dropped (ENOBUFS): those entries' fate is unknown.
+    unknown: int = 0
+
+    @property
+    def failed_total(self) -> int:
+        return sum(self.failed.values())
+
+
+def open_netlink_socket() -> socket.socket:
+    """Open a ctnetlink socket through pyroute2 and take over its descriptor.
+
+    pyroute2 0.7 and 0.9 differ in everything above the socket; the descriptor
+    is what both have in common, so we keep a duplicate and let pyroute2's
+    object go.
+
+    :raises ConntrackError: without netlink access (no CAP_NET_ADMIN, no module)
+    """
+    try:
+        nl = NFCTSocket(nfgen_family=socket.AF_UNSPEC)
+        try:
+            sock = socket.socket(fileno=os.dup(nl.fileno()))
+        finally:
+            nl.close()
+        sock.bind((0, 0))
+    except OSError as err:
+        raise ConntrackError("cannot open a ctnetlink socket", err.errno) from err
+    for name, opt, fallback, size in (
+        ("receive", 33, socket.SO_RCVBUF, RCVBUF),  # SO_RCVBUFFORCE
+        ("send", 32, socket.SO_SNDBUF, SNDBUF),  # SO_SNDBUFFORCE
+    ):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, opt, size)
+        except OSError:
+            log.debug("no CAP_NET_ADMIN for a forced %s buffer, using the default limit", name)
+            sock.setsockopt(socket.SOL_SOCKET, fallback, size)
+    # Error replies then carry only the header, not our whole request.
+    with contextlib.suppress(OSError):
+        sock.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)
+    return sock
+
+
+class Conntrack:
+    """The conntrack table of the network namespace the socket was opened in.
+
+    Not thread-safe: one operation at a time (the service serialises them).
+    """
+
+    def __init__(self, sock: socket.socket | None = None) -> None:
+        self._sock = sock if sock is not None else open_netlink_socket()
+        self._seq = 0
+        self._buf = bytearray(1 << 20)
+        self._lock = threading.Lock()
+        rcvbuf = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+        #: Requests that may be answered before we read: beyond this, replies are lost.
+        self.ack_budget = max(32, rcvbuf // ACK_COST // 2)
+
+    def close(self) -> None:
+        """Close the socket."""
+        self._sock.close()
+
+    def _next_seq(self) -> int:
+        self._seq = (self._seq + 1) & 0x7FFFFFFF or 1
+        return self._seq
+
+    def _recv(self) -> tuple[bytes, int]:
+        n = self._sock.recv_into(self._buf, len(self._buf), socket.MSG_TRUNC)
+        if n > len(self._buf):
+            raise ConntrackError("netlink message larger than the receive buffer")
+        return bytes(self._buf[:n]), n
+
+    def dump(self, mark: int) -> list[Entry]:
+        """Return every entry (IPv4 and IPv6) whose mark equals ``mark``.
+
+        The kernel filters by mark and full mask. An interrupted dump
+        (NLM_F_DUMP_INTR) or an overrun (ENOBUFS) is restarted on a fresh
+        socket, a few times at most.
+
+        :param mark: the CONNMARK to select
+        :raises ConntrackError: when the dump fails or keeps being interrupted
+        """
+        with self._lock:
+            for attempt in range(1, DUMP_ATTEMPTS + 1):
+                try:
+                    entries, interrupted = self._dump_once(mark)
+                except OSError as err:
+                    if err.errno != errno.ENOBUFS:
+                        raise ConntrackError("conntrack dump failed", err.errno) from err
+                    reason = "overran the receive buffer (ENOBUFS)"
+                else:
+                    if not interrupted:
+                        return entries
+                    reason = "was interrupted by a table change (NLM_F_DUMP_INTR)"
+                log.warning("conntrack dump %s, restarting (attempt %d of %d)",
+                            reason, attempt, DUMP_ATTEMPTS)
+                # The old dump may still be queued on this socket: start clean.
+                self._sock.close()
+                self._sock = open_netlink_socket()
+            raise ConntrackError("conntrack dump did not complete after %d attempts" % DUMP_ATTEMPTS)
+
+    def _dump_once(self, mark: int) -> tuple[list[Entry], bool]:
+        seq = self._next_seq()
+        self._sock.send(nlmsg.dump_request(seq, mark))
+        entries: list[Entry] = []
+        interrupted = False
+        while True:
+            data, n = self._recv()
+            chunk = nlmsg.decode_dump(data, n, seq, entries)
+            interrupted = interrupted or chunk.interrupted
+            if chunk.done:
+                return entries, interrupted
+
+    def create(self, entries: list[Entry], mark: int) -> CreateResult:
+        """Create each entry with ``mark``; one refusal never stops the others.
+
+        Requests go out many per ``sendmsg``. Only the last request of a batch
+        asks for an ACK; the kernel answers failed requests anyway, so a batch
+        costs one round trip, and a batch never exceeds what the receive
+        buffer can hold in replies.
+
+        :param entries: the entries to create
+        :param mark: CTA_MARK for every created entry
+        :raises ConntrackError: when the socket itself fails
+        """
+        result = CreateResult()
+        with self._lock:
+            for start in range(0, len(entries), self.ack_budget):
+                self._create_batch(entries[start:start + self.ack_budget], mark, result)
+        return result
+
+    def _create_batch(self, batch: list[Entry], mark: int, result: CreateResult) -> None:
+        if not batch:
+            return
+        first = self._seq + 1
+        last_index = len(batch) - 1
+        msgs = [nlmsg.create_request(e, mark, self._next_seq(), i == last_index)
+                for i, e in enumerate(batch)]
+        last_seq = self._seq
+        try:
+            pending: list[bytes] = []
+            size = 0
+            for m in msgs:
+                if size + len(m) > MAX_SEND and pending:
+                    self._sock.send(b"".join(pending))
+                    pending, size = [], 0
+                pending.append(m)
+                size += len(m)
+            self._sock.send(b"".join(pending))
+        except OSError as err:
+            raise ConntrackError("sending create requests failed", err.errno) from err
+
+        failed = 0
+        while True:
+            try:
+                data, n = self._recv()
+            except OSError as err:
+                if err.errno == errno.ENOBUFS:
+                    # Replies were dropped; we cannot tell which entries failed.
+                    log.warning("conntrack replies overran the receive buffer; "
+                                "results of %d entries unknown", len(batch) - failed)
+                    result.unknown += len(batch) - failed
+                    self._drain()
+                    return
+                raise ConntrackError("reading create replies failed", err.errno) from err
+            for seq, code in nlmsg.iter_acks(data, n):
+                if not first <= seq <= last_seq:
+                    continue
+                if code:
+                    failed += 1
+                    result.failed[code] += 1
+                if seq == last_seq:
+                    result.created += len(batch) - failed
+                    return
+
+    def _drain(self) -> None:
+        self._sock.setblocking(False)
+        try:
+            while True:
+                self._sock.recv_into(self._buf)
+        except OSError:
+            pass
+        finally:
+            self._sock.setblocking(True)

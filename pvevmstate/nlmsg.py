@@ -1,0 +1,440 @@
+"""Pure encoding and decoding of ctnetlink messages (no sockets).
+
+pyroute2's generic attribute machinery costs 100+ µs per entry (NETLINK.md);
+this module parses and builds exactly the attributes conntrack entries use,
+with ``struct`` on flat buffers. Attribute numbers: SAVE_FORMAT.md §9 and
+``include/uapi/linux/netfilter/nfnetlink_conntrack.h``.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from .entry import (
+    AF_INET,
+    IPS_CONFIRMED,
+    PROTO_DCCP,
+    PROTO_ICMP,
+    PROTO_ICMPV6,
+    PROTO_SCTP,
+    PROTO_TCP,
+    STATUS_TEXT_MASK,
+    TCP_STATE_TIME_WAIT,
+    Entry,
+)
+from .errors import ConntrackError
+
+NETLINK_NETFILTER = 12
+NLMSG_ERROR = 2
+NLMSG_DONE = 3
+NLM_F_REQUEST = 0x001
+NLM_F_MULTI = 0x002
+NLM_F_ACK = 0x004
+NLM_F_DUMP_INTR = 0x010
+NLM_F_DUMP = 0x300
+NLM_F_EXCL = 0x200
+NLM_F_CREATE = 0x400
+NLA_F_NESTED = 0x8000
+NLA_TYPE_MASK = 0x3FFF
+
+IPCTNL_MSG_CT_NEW = 0x0100  # NFNL_SUBSYS_CTNETLINK << 8 | IPCTNL_MSG_CT_NEW
+IPCTNL_MSG_CT_GET = 0x0101
+
+CTA_TUPLE_ORIG = 1
+CTA_TUPLE_REPLY = 2
+CTA_STATUS = 3
+CTA_PROTOINFO = 4
+CTA_NAT_SRC = 6
+CTA_TIMEOUT = 7
+CTA_MARK = 8
+CTA_NAT_DST = 13
+CTA_ZONE = 18
+CTA_MARK_MASK = 21
+CTA_LABELS = 22
+
+CTA_TUPLE_IP = 1
+CTA_TUPLE_PROTO = 2
+CTA_TUPLE_ZONE = 3
+CTA_IP_V4_SRC = 1
+CTA_IP_V4_DST = 2
+CTA_IP_V6_SRC = 3
+CTA_IP_V6_DST = 4
+CTA_PROTO_NUM = 1
+CTA_PROTO_SRC_PORT = 2
+CTA_PROTO_DST_PORT = 3
+CTA_PROTO_ICMP_ID = 4
+CTA_PROTO_ICMP_TYPE = 5
+CTA_PROTO_ICMP_CODE = 6
+CTA_PROTO_ICMPV6_ID = 7
+CTA_PROTO_ICMPV6_TYPE = 8
+CTA_PROTO_ICMPV6_CODE = 9
+CTA_PROTOINFO_TCP = 1
+CTA_PROTOINFO_DCCP = 2
+CTA_PROTOINFO_SCTP = 3
+CTA_PROTOINFO_TCP_STATE = 1
+CTA_PROTOINFO_TCP_WSCALE_ORIGINAL = 2
+CTA_PROTOINFO_TCP_WSCALE_REPLY = 3
+CTA_PROTOINFO_TCP_FLAGS_ORIGINAL = 4
+CTA_PROTOINFO_TCP_FLAGS_REPLY = 5
+CTA_PROTOINFO_DCCP_STATE = 1
+CTA_PROTOINFO_DCCP_ROLE = 2
+CTA_PROTOINFO_SCTP_STATE = 1
+CTA_PROTOINFO_SCTP_VTAG_ORIGINAL = 2
+CTA_PROTOINFO_SCTP_VTAG_REPLY = 3
+CTA_NAT_V4_MINIP = 1
+CTA_NAT_V6_MINIP = 4
+
+# TCP flag bits conntrack(8) sends with every restored TCP entry (SAVE_FORMAT.md
+# §8.5): BE_LIBERAL switches off window tracking, whose data the text lacks.
+TCP_FLAG_SACK_PERM = 0x02
+TCP_FLAG_CLOSE_INIT = 0x04
+TCP_FLAG_BE_LIBERAL = 0x08
+
+_NLMSGHDR = struct.Struct("=IHHII")
+_NLA = struct.Struct("=HH")
+_U16BE = struct.Struct("!H")
+_U32BE = struct.Struct("!I")
+_ERRCODE = struct.Struct("=i")
+_hdr_from = _NLMSGHDR.unpack_from
+_nla_from = _NLA.unpack_from
+_u16_from = _U16BE.unpack_from
+_u32_from = _U32BE.unpack_from
+
+
+# ---------------------------------------------------------------- decoding
+
+
+def _decode_tuple(buf: bytes, off: int, end: int, e: Entry, reply: bool) -> None:
+    src = dst = b""
+    while off + 4 <= end:
+        alen, atype = _nla_from(buf, off)
+        if alen < 4:
+            raise ConntrackError("malformed tuple attribute from the kernel")
+        aend = off + alen
+        atype &= NLA_TYPE_MASK
+        if atype == CTA_TUPLE_IP:
+            p = off + 4
+            while p + 4 <= aend:
+                ln, t = _nla_from(buf, p)
+                if ln < 4:
+                    raise ConntrackError("malformed address attribute from the kernel")
+                t &= NLA_TYPE_MASK
+                if t in (CTA_IP_V4_SRC, CTA_IP_V6_SRC):
+                    src = buf[p + 4:p + ln]
+                elif t in (CTA_IP_V4_DST, CTA_IP_V6_DST):
+                    dst = buf[p + 4:p + ln]
+                p += (ln + 3) & ~3
+        elif atype == CTA_TUPLE_PROTO:
+            p = off + 4
+            while p + 4 <= aend:
+                ln, t = _nla_from(buf, p)
+                if ln < 4:
+                    raise ConntrackError("malformed protocol attribute from the kernel")
+                t &= NLA_TYPE_MASK
+                v = p + 4
+                if t == CTA_PROTO_NUM:
+                    e.proto = buf[v]
+                elif t == CTA_PROTO_SRC_PORT:
+                    if reply:
+                        e.reply_sport = _u16_from(buf, v)[0]
+                    else:
+                        e.sport = _u16_from(buf, v)[0]
+                elif t == CTA_PROTO_DST_PORT:
+                    if reply:
+                        e.reply_dport = _u16_from(buf, v)[0]
+                    else:
+                        e.dport = _u16_from(buf, v)[0]
+                elif t in (CTA_PROTO_ICMP_TYPE, CTA_PROTO_ICMPV6_TYPE):
+                    if reply:
+                        e.reply_icmp_type = buf[v]
+                    else:
+                        e.icmp_type = buf[v]
+                elif t in (CTA_PROTO_ICMP_CODE, CTA_PROTO_ICMPV6_CODE):
+                    if reply:
+                        e.reply_icmp_code = buf[v]
+                    else:
+                        e.icmp_code = buf[v]
+                elif t in (CTA_PROTO_ICMP_ID, CTA_PROTO_ICMPV6_ID):
+                    if reply:
+                        e.reply_icmp_id = _u16_from(buf, v)[0]
+                    else:
+                        e.icmp_id = _u16_from(buf, v)[0]
+                p += (ln + 3) & ~3
+        elif atype == CTA_TUPLE_ZONE:
+            if reply:
+                e.reply_zone = _u16_from(buf, off + 4)[0]
+            else:
+                e.orig_zone = _u16_from(buf, off + 4)[0]
+        off += (alen + 3) & ~3
+    if reply:
+        e.reply_src, e.reply_dst = src, dst
+    else:
+        e.orig_src, e.orig_dst = src, dst
+
+
+def _decode_protoinfo(buf: bytes, off: int, end: int, e: Entry) -> None:
+    while off + 4 <= end:
+        alen, atype = _nla_from(buf, off)
+        if alen < 4:
+            raise ConntrackError("malformed protoinfo attribute from the kernel")
+        atype &= NLA_TYPE_MASK
+        p, aend = off + 4, off + alen
+        while p + 4 <= aend:
+            ln, t = _nla_from(buf, p)
+            if ln < 4:
+                raise ConntrackError("malformed protoinfo attribute from the kernel")
+            t &= NLA_TYPE_MASK
+            v = p + 4
+            if atype == CTA_PROTOINFO_TCP:
+                if t == CTA_PROTOINFO_TCP_STATE:
+                    e.state = buf[v]
+                elif t == CTA_PROTOINFO_TCP_WSCALE_ORIGINAL:
+                    e.tcp_wscale_orig = buf[v]
+                elif t == CTA_PROTOINFO_TCP_WSCALE_REPLY:
+                    e.tcp_wscale_reply = buf[v]
+                elif t == CTA_PROTOINFO_TCP_FLAGS_ORIGINAL:
+                    e.tcp_flags_orig = buf[v]
+                elif t == CTA_PROTOINFO_TCP_FLAGS_REPLY:
+                    e.tcp_flags_reply = buf[v]
+            elif atype == CTA_PROTOINFO_SCTP:
+                if t == CTA_PROTOINFO_SCTP_STATE:
+                    e.state = buf[v]
+                elif t == CTA_PROTOINFO_SCTP_VTAG_ORIGINAL:
+                    e.vtag_orig = _u32_from(buf, v)[0]
+                elif t == CTA_PROTOINFO_SCTP_VTAG_REPLY:
+                    e.vtag_reply = _u32_from(buf, v)[0]
+            elif atype == CTA_PROTOINFO_DCCP:
+                if t == CTA_PROTOINFO_DCCP_STATE:
+                    e.state = buf[v]
+                elif t == CTA_PROTOINFO_DCCP_ROLE:
+                    e.dccp_role = buf[v]
+            p += (ln + 3) & ~3
+        off += (alen + 3) & ~3
+
+
+def decode_entry(buf: bytes, off: int, end: int, family: int) -> Entry:
+    """Decode the attributes of one IPCTNL_MSG_CT_NEW message body.
+
+    :param buf: the received datagram
+    :param off: offset of the first attribute (after nlmsghdr and nfgenmsg)
+    :param end: end of this message
+    :param family: ``nfgen_family`` of the message
+    :raises ConntrackError: on a malformed attribute
+    """
+    e = Entry(family, 0, b"", b"", b"", b"")
+    while off + 4 <= end:
+        alen, atype = _nla_from(buf, off)
+        if alen < 4:
+            raise ConntrackError("malformed attribute from the kernel")
+        atype &= NLA_TYPE_MASK
+        v = off + 4
+        if atype == CTA_TUPLE_ORIG:
+            _decode_tuple(buf, v, off + alen, e, False)
+        elif atype == CTA_TUPLE_REPLY:
+            _decode_tuple(buf, v, off + alen, e, True)
+        elif atype == CTA_STATUS:
+            e.status = _u32_from(buf, v)[0]
+        elif atype == CTA_TIMEOUT:
+            e.timeout = _u32_from(buf, v)[0]
+        elif atype == CTA_MARK:
+            e.mark = _u32_from(buf, v)[0]
+        elif atype == CTA_PROTOINFO:
+            _decode_protoinfo(buf, v, off + alen, e)
+        elif atype == CTA_ZONE:
+            e.zone = _u16_from(buf, v)[0]
+        elif atype == CTA_LABELS:
+            e.labels = buf[v:off + alen]
+        off += (alen + 3) & ~3
+    return e
+
+
+@dataclass(slots=True)
+class DumpChunk:
+    """What one received datagram of a dump held."""
+
+    done: bool = False
+    interrupted: bool = False
+
+
+def decode_dump(buf: bytes, size: int, seq: int, out: list[Entry]) -> DumpChunk:
+    """Decode the messages of one dump datagram, appending entries to ``out``.
+
+    :param buf: the datagram
+    :param size: its length
+    :param seq: the dump request's sequence number (others are skipped)
+    :param out: where decoded entries go
+    :raises ConntrackError: when the kernel answered the dump with an error
+    """
+    chunk = DumpChunk()
+    off = 0
+    while off + 16 <= size:
+        mlen, mtype, mflags, mseq, _pid = _hdr_from(buf, off)
+        if mlen < 16 or off + mlen > size:
+            raise ConntrackError("truncated netlink message from the kernel")
+        if mseq == seq:
+            if mflags & NLM_F_DUMP_INTR:
+                chunk.interrupted = True
+            if mtype == IPCTNL_MSG_CT_NEW and mlen >= 20:
+                out.append(decode_entry(buf, off + 20, off + mlen, buf[off + 16]))
+            elif mtype == NLMSG_DONE:
+                chunk.done = True
+                return chunk
+            elif mtype == NLMSG_ERROR:
+                code = -_ERRCODE.unpack_from(buf, off + 16)[0]
+                if code:
+                    raise ConntrackError("conntrack dump refused", code)
+                chunk.done = True
+                return chunk
+        off += (mlen + 3) & ~3
+    return chunk
+
+
+def iter_acks(buf: bytes, size: int) -> Iterator[tuple[int, int]]:
+    """Yield ``(seq, errno)`` for each NLMSG_ERROR (0 = ACK) in a datagram."""
+    off = 0
+    while off + 16 <= size:
+        mlen, mtype, _flags, mseq, _pid = _hdr_from(buf, off)
+        if mlen < 16 or off + mlen > size:
+            return
+        if mtype == NLMSG_ERROR and mlen >= 20:
+            yield mseq, -_ERRCODE.unpack_from(buf, off + 16)[0]
+        off += (mlen + 3) & ~3
+
+
+# ---------------------------------------------------------------- encoding
+
+
+def _attr(atype: int, payload: bytes) -> bytes:
+    alen = 4 + len(payload)
+    return _NLA.pack(alen, atype) + payload + b"\0" * (-alen & 3)
+
+
+def _nest(atype: int, *children: bytes) -> bytes:
+    body = b"".join(children)
+    return _NLA.pack(4 + len(body), atype | NLA_F_NESTED) + body
+
+
+def _u8(atype: int, value: int) -> bytes:
+    return _NLA.pack(5, atype) + bytes((value, 0, 0, 0))
+
+
+def _be16(atype: int, value: int) -> bytes:
+    return _NLA.pack(6, atype) + _U16BE.pack(value) + b"\0\0"
+
+
+def _be32(atype: int, value: int) -> bytes:
+    return _NLA.pack(8, atype) + _U32BE.pack(value)
+
+
+def _message(mtype: int, flags: int, seq: int, family: int, attrs: bytes) -> bytes:
+    return _NLMSGHDR.pack(20 + len(attrs), mtype, flags, seq, 0) + bytes((family, 0, 0, 0)) + attrs
+
+
+def dump_request(seq: int, mark: int) -> bytes:
+    """A CT_GET dump of every family, filtered in the kernel by ``mark``.
+
+    The mark always travels with a full mask: pyroute2's own dump drops a mark
+    of 0 (NETLINK.md), and a mask makes the kernel compare exactly.
+    """
+    attrs = _be32(CTA_MARK, mark) + _be32(CTA_MARK_MASK, 0xFFFFFFFF)
+    return _message(IPCTNL_MSG_CT_GET, NLM_F_REQUEST | NLM_F_DUMP, seq, socket.AF_UNSPEC, attrs)
+
+
+def _tuple(e: Entry, reply: bool, src: bytes, dst: bytes) -> bytes:
+    v4 = e.family == AF_INET
+    ip = _nest(CTA_TUPLE_IP,
+               _attr(CTA_IP_V4_SRC if v4 else CTA_IP_V6_SRC, src),
+               _attr(CTA_IP_V4_DST if v4 else CTA_IP_V6_DST, dst))
+    proto = e.proto
+    parts = [_u8(CTA_PROTO_NUM, proto)]
+    if proto in (PROTO_ICMP, PROTO_ICMPV6):
+        t, c, i = ((e.reply_icmp_type, e.reply_icmp_code, e.reply_icmp_id) if reply
+                   else (e.icmp_type, e.icmp_code, e.icmp_id))
+        base = 0 if proto == PROTO_ICMP else 3  # ICMPV6_* attributes are ICMP_* + 3
+        if i is not None:
+            parts.append(_be16(CTA_PROTO_ICMP_ID + base, i))
+        if t is not None:
+            parts.append(_u8(CTA_PROTO_ICMP_TYPE + base, t))
+        if c is not None:
+            parts.append(_u8(CTA_PROTO_ICMP_CODE + base, c))
+    else:
+        sp, dp = (e.reply_sport, e.reply_dport) if reply else (e.sport, e.dport)
+        if sp is not None:
+            parts.append(_be16(CTA_PROTO_SRC_PORT, sp))
+        if dp is not None:
+            parts.append(_be16(CTA_PROTO_DST_PORT, dp))
+    children = [ip, _nest(CTA_TUPLE_PROTO, *parts)]
+    zone = e.reply_zone if reply else e.orig_zone
+    if zone is not None:
+        children.append(_be16(CTA_TUPLE_ZONE, zone))
+    return _nest(CTA_TUPLE_REPLY if reply else CTA_TUPLE_ORIG, *children)
+
+
+def create_request(e: Entry, mark: int, seq: int, ack: bool) -> bytes:
+    """A CT_NEW request that creates ``e`` with ``mark``, never touching an existing entry.
+
+    NLM_F_EXCL makes an existing entry an EEXIST error instead of an update,
+    so Load can only ever add entries. Like conntrack(8) (SAVE_FORMAT.md §8.5)
+    it adds IPS_CONFIRMED, derives NAT from the reply tuple, and sets the TCP
+    flags a restored entry needs.
+
+    :param e: the entry
+    :param mark: the CTA_MARK to set (the VM's mark)
+    :param seq: sequence number that identifies this request's error reply
+    :param ack: ask for an acknowledgement even on success
+    """
+    zero = b"\0" * len(e.orig_src)
+    snat, dnat = e.is_snat(), e.is_dnat()
+    # A NAT side goes as the zero address; the kernel's NAT setup computes the
+    # real reply tuple from CTA_NAT_* (how conntrack -n/-g restores NAT).
+    attrs = [
+        _tuple(e, False, e.orig_src, e.orig_dst),
+        _tuple(e, True, zero if dnat else e.reply_src, zero if snat else e.reply_dst),
+    ]
+    if e.status is not None:
+        attrs.append(_be32(CTA_STATUS, (e.status & STATUS_TEXT_MASK) | IPS_CONFIRMED))
+    if e.timeout is not None:
+        attrs.append(_be32(CTA_TIMEOUT, e.timeout))
+    attrs.append(_be32(CTA_MARK, mark))
+    proto = e.proto
+    if proto == PROTO_TCP and e.state is not None:
+        if e.tcp_flags_orig is not None and e.tcp_flags_reply is not None:
+            fo, fr = e.tcp_flags_orig, e.tcp_flags_reply
+        else:
+            fo = TCP_FLAG_BE_LIBERAL | TCP_FLAG_SACK_PERM
+            if e.state >= TCP_STATE_TIME_WAIT:
+                fo |= TCP_FLAG_CLOSE_INIT
+            fr = fo
+        tcp = [_u8(CTA_PROTOINFO_TCP_STATE, e.state)]
+        if e.tcp_wscale_orig is not None:
+            tcp.append(_u8(CTA_PROTOINFO_TCP_WSCALE_ORIGINAL, e.tcp_wscale_orig))
+        if e.tcp_wscale_reply is not None:
+            tcp.append(_u8(CTA_PROTOINFO_TCP_WSCALE_REPLY, e.tcp_wscale_reply))
+        # {flags, mask}: the mask says which bits to set.
+        tcp.append(_attr(CTA_PROTOINFO_TCP_FLAGS_ORIGINAL, bytes((fo, fo))))
+        tcp.append(_attr(CTA_PROTOINFO_TCP_FLAGS_REPLY, bytes((fr, fr))))
+        attrs.append(_nest(CTA_PROTOINFO, _nest(CTA_PROTOINFO_TCP, *tcp)))
+    elif proto == PROTO_SCTP and e.state is not None:
+        sctp = [_u8(CTA_PROTOINFO_SCTP_STATE, e.state)]
+        if e.vtag_orig is not None:
+            sctp.append(_be32(CTA_PROTOINFO_SCTP_VTAG_ORIGINAL, e.vtag_orig))
+        if e.vtag_reply is not None:
+            sctp.append(_be32(CTA_PROTOINFO_SCTP_VTAG_REPLY, e.vtag_reply))
+        attrs.append(_nest(CTA_PROTOINFO, _nest(CTA_PROTOINFO_SCTP, *sctp)))
+    elif proto == PROTO_DCCP and e.state is not None:
+        dccp = [_u8(CTA_PROTOINFO_DCCP_STATE, e.state)]
+        if e.dccp_role is not None:
+            dccp.append(_u8(CTA_PROTOINFO_DCCP_ROLE, e.dccp_role))
+        attrs.append(_nest(CTA_PROTOINFO, _nest(CTA_PROTOINFO_DCCP, *dccp)))
+    minip = CTA_NAT_V4_MINIP if e.family == AF_INET else CTA_NAT_V6_MINIP
+    if snat:
+        attrs.append(_nest(CTA_NAT_SRC, _attr(minip, e.reply_dst)))
+    if dnat:
+        attrs.append(_nest(CTA_NAT_DST, _attr(minip, e.reply_src)))
+    if e.zone is not None:
+        attrs.append(_be16(CTA_ZONE, e.zone))
+    flags = NLM_F_REQUEST | NLM_F_CREATE | NLM_F_EXCL | (NLM_F_ACK if ack else 0)
+    return _message(IPCTNL_MSG_CT_NEW, flags, seq, e.family, b"".join(attrs))
