@@ -1,0 +1,79 @@
+"""Command line: ``pve-dbus-vmstate VMID`` (what ``pve-dbus-vmstate@VMID`` runs)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import re
+import sys
+from typing import NoReturn
+
+from . import __version__, logsetup
+
+EXIT_USAGE = 2
+# Proxmox VMIDs: 100 .. 999999999, written without leading zeros.
+_VMID = re.compile(r"[1-9][0-9]{2,8}")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One readable line, at error priority, for the journal.
+        self.exit(EXIT_USAGE, "<3>%s: %s\n" % (self.prog, message))
+
+
+def vmid(text: str) -> int:
+    """Parse a VMID as systemd passes it (``%i``).
+
+    :raises argparse.ArgumentTypeError: unless it is an integer 100..999999999
+    """
+    if not _VMID.fullmatch(text):
+        raise argparse.ArgumentTypeError(
+            "invalid VMID %r: expected a whole number from 100 to 999999999" % text[:64])
+    return int(text)
+
+
+def seconds(text: str) -> float:
+    """Parse a non-negative number of seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 86400:
+        raise argparse.ArgumentTypeError("invalid duration %r: expected 0 to 86400 seconds" % text[:64])
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line parser (``--help`` documents every option)."""
+    from .daemon import DEFAULT_LINGER
+
+    parser = _Parser(
+        prog="pve-dbus-vmstate",
+        description="Carry a VM's conntrack entries (CONNMARK == VMID) through a QEMU live "
+                    "migration: serves org.qemu.VMState1 on the system bus for QEMU's "
+                    "dbus-vmstate object. Normally started as pve-dbus-vmstate@VMID.service.",
+        epilog="The system bus is taken from DBUS_SYSTEM_BUS_ADDRESS when set. Exit status: "
+               "0 clean end, 1 fatal error (no bus, no netlink, names not obtainable), 2 bad usage.",
+    )
+    parser.add_argument("vmid", type=vmid, metavar="VMID",
+                        help="the VM (100..999999999); its entries carry this CONNMARK")
+    parser.add_argument("--linger", type=seconds, default=DEFAULT_LINGER, metavar="SECONDS",
+                        help="stay this long after a Save or Load was answered, so the caller can "
+                             "read NumMigratedEntries and call Quit (default: %(default)g)")
+    parser.add_argument("--debug", action="store_true", help="log at debug level, with tracebacks")
+    parser.add_argument("--version", action="version", version="%(prog)s " + __version__)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the console script and of ``python3 -m pvevmstate``."""
+    args = build_parser().parse_args(argv)
+    logsetup.configure(debug=args.debug)
+    from .daemon import Daemon, Settings
+
+    settings = Settings(vmid=args.vmid, linger=args.linger)
+    return asyncio.run(Daemon(settings).run())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,229 @@
+"""Lifecycle of one helper process: bus, names, readiness, waiting, teardown.
+
+Order of start-up, and why:
+
+1. open the conntrack socket: without netlink access there is nothing to do;
+2. connect to the system bus and export ``/org/qemu/VMState1``;
+3. take the per-VM name ``com.proxmox.VMStateHelper.VM<VMID>``, replacing a
+   stale helper of the same VM, and wait until that one has left the bus, so
+   QEMU never sees two owners with one Id (it silently calls the first);
+4. queue for ``org.qemu.VMState1`` (never replacing anybody);
+5. tell systemd we are ready.
+
+Teardown runs in reverse. The process ends on Quit, SIGTERM/SIGINT, loss of
+the per-VM name, or a linger period after its Save or Load was answered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from sdbus import SdBus, sd_bus_open_system
+from sdbus.exceptions import (
+    DbusNameHasNoOwnerError,
+    SdBusBaseError,
+    SdBusRequestNameAlreadyOwnerError,
+    SdBusRequestNameExistsError,
+    SdBusRequestNameInQueueError,
+)
+from sdbus.sd_bus_internals import (
+    NameAllowReplacementFlag,
+    NameQueueFlag,
+    NameReplaceExistingFlag,
+)
+
+from .conntrack import Conntrack
+from .dbus_api import (
+    BUS_DRIVER_NAME,
+    BUS_DRIVER_PATH,
+    VMSTATE_NAME,
+    VMSTATE_PATH,
+    BusDriver,
+    helper_bus_name,
+    helper_id,
+)
+from .errors import BusError, VMStateError
+from .notify import sd_notify
+from .service import VMStateService
+from .vmstate import ConntrackBackend, VMState
+
+log = logging.getLogger(__name__)
+
+#: Seconds a helper stays after its Save or Load was answered, so that
+#: qemu-server can still read NumMigratedEntries and call Quit.
+DEFAULT_LINGER = 30.0
+#: How long a new helper waits for a replaced one to leave the bus.
+TAKEOVER_TIMEOUT = 10.0
+#: Timeout of the helper's own calls to the bus driver.
+BUS_CALL_TIMEOUT_USEC = 5_000_000
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything the command line decides."""
+
+    vmid: int
+    linger: float = DEFAULT_LINGER
+    takeover_timeout: float = TAKEOVER_TIMEOUT
+
+
+class Daemon:
+    """One helper process for one VM.
+
+    :param settings: the VMID and timing
+    :param bus_factory: opens the bus connection (the system bus by default)
+    :param backend_factory: opens the conntrack table
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        bus_factory: Callable[[], SdBus] = sd_bus_open_system,
+        backend_factory: Callable[[], ConntrackBackend] = Conntrack,
+    ) -> None:
+        self.settings = settings
+        self._bus_factory = bus_factory
+        self._backend_factory = backend_factory
+        self._stop: asyncio.Event | None = None
+        self._reason = ""
+        self._exit = EXIT_OK
+        self._linger: asyncio.TimerHandle | None = None
+
+    # -------------------------------------------------------- Lifecycle
+
+    def stop(self, reason: str, code: int = EXIT_OK) -> None:
+        """End the process soon; the first reason given wins."""
+        if self._stop is None or self._stop.is_set():
+            return
+        self._reason, self._exit = reason, code
+        self._stop.set()
+
+    def work_done(self) -> None:
+        """Start the linger period after an answered Save or Load."""
+        if self._linger is not None:
+            return
+        log.info("work done, exiting in %.1f s (or on Quit)", self.settings.linger)
+        loop = asyncio.get_running_loop()
+        self._linger = loop.call_later(self.settings.linger, self.stop, "work done")
+
+    async def quit(self) -> None:
+        """Quit was called; the reply goes out before the loop sees the stop."""
+        asyncio.get_running_loop().call_soon(self.stop, "Quit called")
+
+    # -------------------------------------------------------- running
+
+    async def run(self) -> int:
+        """Run until stopped; return the process exit status."""
+        self._stop = asyncio.Event()
+        vmid = self.settings.vmid
+        try:
+            backend = self._backend_factory()
+        except VMStateError as err:
+            log.error("cannot use the conntrack table: %s", err)
+            return EXIT_FAILURE
+        try:
+            return await self._serve(backend)
+        finally:
+            close = getattr(backend, "close", None)
+            if close is not None:
+                close()
+            log.info("helper for VM %d exiting: %s", vmid, self._reason or "error")
+
+    async def _serve(self, backend: ConntrackBackend) -> int:
+        vmid = self.settings.vmid
+        try:
+            bus = self._bus_factory()
+            bus.method_call_timeout_usec = BUS_CALL_TIMEOUT_USEC
+        except (OSError, SdBusBaseError) as err:
+            log.error("cannot connect to the system bus: %s", err)
+            self._reason = "no bus"
+            return EXIT_FAILURE
+        driver = BusDriver.new_proxy(BUS_DRIVER_NAME, BUS_DRIVER_PATH, bus)
+        service = VMStateService(VMState(vmid, backend), self)
+        handle = service.export_to_dbus(VMSTATE_PATH, bus)
+        watcher = asyncio.create_task(self._watch_names(driver))
+        loop = asyncio.get_running_loop()
+        names: list[str] = []
+        try:
+            unique = await self._take_names(bus, driver, names)
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self.stop, signal.Signals(sig).name)
+            sd_notify("READY=1\nSTATUS=serving %s" % helper_id(vmid))
+            log.info("helper for VM %d ready: Id %s, bus names %s and %s, unique name %s",
+                     vmid, helper_id(vmid), helper_bus_name(vmid), VMSTATE_NAME, unique)
+            assert self._stop is not None
+            await self._stop.wait()
+            log.info("stopping: %s", self._reason)
+            return self._exit
+        except (BusError, SdBusBaseError) as err:
+            log.error("D-Bus start-up failed: %s", err)
+            self._reason = "D-Bus start-up failed"
+            return EXIT_FAILURE
+        finally:
+            sd_notify("STOPPING=1")
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+            if self._linger is not None:
+                self._linger.cancel()
+            watcher.cancel()
+            await self._release(driver, names)
+            handle.stop()
+            bus.close()
+
+    async def _take_names(self, bus: SdBus, driver: BusDriver, names: list[str]) -> str:
+        vmid = self.settings.vmid
+        own = helper_bus_name(vmid)
+        stale = ""
+        with contextlib.suppress(DbusNameHasNoOwnerError):
+            stale = await driver.get_name_owner(own)
+        try:
+            # Allow replacement: the next helper for this VM must be able to
+            # take over from us if we are ever left behind.
+            await bus.request_name_async(own, NameAllowReplacementFlag | NameReplaceExistingFlag)
+        except SdBusRequestNameAlreadyOwnerError:
+            pass
+        except SdBusRequestNameExistsError as err:
+            raise BusError("%s is held by a process that does not let it go" % own) from err
+        names.append(own)
+        unique = await driver.get_name_owner(own)
+        if stale and stale != unique:
+            log.warning("replacing the stale helper %s of VM %d", stale, vmid)
+            await self._wait_gone(driver, stale)
+        # Queued behind other VMs' helpers is exactly what QEMU expects.
+        with contextlib.suppress(SdBusRequestNameInQueueError, SdBusRequestNameAlreadyOwnerError):
+            await bus.request_name_async(VMSTATE_NAME, NameQueueFlag)
+        names.append(VMSTATE_NAME)
+        return unique
+
+    async def _wait_gone(self, driver: BusDriver, unique: str) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.takeover_timeout
+        while await driver.name_has_owner(unique):
+            if loop.time() > deadline:
+                raise BusError("stale helper %s did not leave the bus within %.0f s"
+                               % (unique, self.settings.takeover_timeout))
+            await asyncio.sleep(0.02)
+
+    async def _watch_names(self, driver: BusDriver) -> None:
+        own = helper_bus_name(self.settings.vmid)
+        async for name in driver.name_lost.catch():
+            if name == own:
+                log.warning("a newer helper for VM %d took over %s", self.settings.vmid, own)
+                self.stop("replaced by a newer helper")
+            elif name == VMSTATE_NAME:
+                self.stop("lost %s" % VMSTATE_NAME, EXIT_FAILURE)
+
+    async def _release(self, driver: BusDriver, names: list[str]) -> None:
+        for name in reversed(names):
+            try:
+                await driver.release_name(name)
+            except SdBusBaseError as err:
+                log.debug("releasing %s failed: %s", name, err)

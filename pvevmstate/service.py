@@ -1,0 +1,156 @@
+"""The exported D-Bus object: declared members wired to the domain code.
+
+This is the one place where errors meet the bus. Save and Load never send an
+error to QEMU, because a failed Save or Load makes the destination QEMU exit
+and the VM is lost (PROTOCOL.md §1): they log and degrade. Control members
+turn known errors into ``com.proxmox.VMStateHelper.Error.*`` replies and
+unknown ones into a generic error, with details only in the journal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import Callable, Coroutine
+from typing import Any, ParamSpec, Protocol, TypeVar
+
+from sdbus import dbus_method_async_override, dbus_property_async_override
+
+from . import codec
+from .dbus_api import (
+    HelperError,
+    HelperInternalError,
+    VMState1Interface,
+    VMStateHelperInterface,
+    helper_id,
+)
+from .errors import VMStateError
+from .vmstate import VMState
+
+log = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+R = TypeVar("R")
+Method = Callable[P, Coroutine[Any, Any, R]]
+
+
+class Lifecycle(Protocol):
+    """What the service tells the daemon."""
+
+    def work_done(self) -> None:
+        """A Save or Load has been answered."""
+
+    async def quit(self) -> None:
+        """``Quit`` was called: clean up; the process ends after the reply."""
+
+
+def degrade(member: str, fallback: R) -> Callable[[Method[P, R]], Method[P, R]]:
+    """Never let ``member`` fail on the bus: log the error, answer ``fallback``.
+
+    :param member: the D-Bus member name, for the journal
+    :param fallback: what to answer instead of an error
+    """
+
+    def wrap(fn: Method[P, R]) -> Method[P, R]:
+        async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+            try:
+                return await fn(*args, **kwargs)
+            except VMStateError as err:
+                log.error("%s failed, answering without state: %s", member, err)
+                log.debug("%s failure", member, exc_info=True)
+            except Exception as err:  # the boundary: anything else must not reach QEMU either
+                log.error("%s failed unexpectedly, answering without state: %s: %s",
+                          member, type(err).__name__, err)
+                log.debug("%s failure", member, exc_info=True)
+            return fallback
+
+        functools.update_wrapper(wrapper, fn)
+        return wrapper
+
+    return wrap
+
+
+def translate(member: str) -> Callable[[Method[P, R]], Method[P, R]]:
+    """Turn errors of a control member into D-Bus errors without internals.
+
+    :param member: the D-Bus member name, for the journal
+    """
+
+    def wrap(fn: Method[P, R]) -> Method[P, R]:
+        async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+            try:
+                return await fn(*args, **kwargs)
+            except VMStateError as err:
+                log.error("%s failed: %s", member, err)
+                log.debug("%s failure", member, exc_info=True)
+                raise HelperError("%s failed: %s" % (member, err)) from err
+            except Exception as err:
+                log.error("%s failed unexpectedly: %s: %s", member, type(err).__name__, err)
+                log.debug("%s failure", member, exc_info=True)
+                raise HelperInternalError("internal error, see the helper's journal") from err
+
+        functools.update_wrapper(wrapper, fn)
+        return wrapper
+
+    return wrap
+
+
+class VMStateService(VMState1Interface, VMStateHelperInterface):
+    """``/org/qemu/VMState1`` for one VM.
+
+    :param state: the domain object doing Save and Load
+    :param lifecycle: told when work is done and when Quit is called
+    """
+
+    def __init__(self, state: VMState, lifecycle: Lifecycle) -> None:
+        super().__init__()
+        self._state = state
+        self._lifecycle = lifecycle
+        self._id = helper_id(state.vmid)
+        self._migrated = 0
+
+    def _answered(self) -> None:
+        # sdbus sends the reply right after the method returns, in the same
+        # task step; call_soon runs after that.
+        asyncio.get_running_loop().call_soon(self._lifecycle.work_done)
+
+    @dbus_property_async_override()
+    def id(self) -> str:
+        return self._id
+
+    @dbus_property_async_override()
+    def num_migrated_entries(self) -> int:
+        return self._migrated
+
+    @num_migrated_entries.setter_private
+    def _set_num_migrated_entries(self, value: int) -> None:
+        self._migrated = value
+
+    async def _count(self, value: int) -> None:
+        await self.num_migrated_entries.set_async(value)
+
+    @dbus_method_async_override()
+    @degrade("Save", codec.NO_STATE)
+    async def save(self) -> bytes:
+        try:
+            report = await self._state.save()
+            await self._count(report.sent)
+            return report.payload
+        finally:
+            self._answered()
+
+    @dbus_method_async_override()
+    @degrade("Load", None)
+    async def load(self, data: bytes) -> None:
+        try:
+            report = await self._state.load(bytes(data))
+            await self._count(report.created)
+        finally:
+            self._answered()
+
+    @dbus_method_async_override()
+    @translate("Quit")
+    async def quit(self) -> None:
+        log.info("Quit called")
+        await self._lifecycle.quit()

@@ -1,0 +1,118 @@
+"""The migration work itself: Save dumps and encodes, Load decodes and creates.
+
+Blocking netlink and CPU work runs in a worker thread, one operation at a
+time, so the event loop keeps answering QEMU's ``Id`` reads for every VM on
+the host while a Save or Load is under way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from . import codec
+from .conntrack import CreateResult
+from .entry import Entry
+from .errors import errno_text
+
+log = logging.getLogger(__name__)
+
+
+class ConntrackBackend(Protocol):
+    """What Save and Load need from the conntrack table (blocking calls)."""
+
+    def dump(self, mark: int) -> list[Entry]: ...
+
+    def create(self, entries: list[Entry], mark: int) -> CreateResult: ...
+
+
+@dataclass(slots=True)
+class SaveReport:
+    """What one Save produced."""
+
+    payload: bytes
+    dumped: int
+    sent: int
+    left_out: int
+    ms: float
+
+
+@dataclass(slots=True)
+class LoadReport:
+    """What one Load did."""
+
+    received: int
+    lines: int
+    created: int
+    refused: int
+    failed: Counter[int] = field(default_factory=Counter)
+    unknown: int = 0
+    samples: list[codec.Refusal] = field(default_factory=list)
+    ms: float = 0.0
+
+
+class VMState:
+    """Save and Load of one VM's conntrack entries (mark == VMID).
+
+    :param vmid: the VM, which is also the CONNMARK its entries carry
+    :param backend: the conntrack table
+    :param limit: payload byte budget (QEMU's 1 MiB)
+    """
+
+    def __init__(self, vmid: int, backend: ConntrackBackend, limit: int = codec.MAX_PAYLOAD) -> None:
+        self.vmid = vmid
+        self._backend = backend
+        self._limit = limit
+        self._lock = asyncio.Lock()
+
+    def _save(self) -> SaveReport:
+        t0 = time.perf_counter()
+        entries = self._backend.dump(self.vmid)
+        payload = codec.encode_text(entries, self.vmid, self._limit)
+        return SaveReport(payload.data, len(entries), payload.sent, payload.left_out,
+                          (time.perf_counter() - t0) * 1000)
+
+    def _load(self, data: bytes) -> LoadReport:
+        t0 = time.perf_counter()
+        decoded = codec.decode_payload(data, self.vmid)
+        result = self._backend.create(decoded.entries, self.vmid) if decoded.entries else CreateResult()
+        return LoadReport(len(data), len(decoded.entries) + decoded.refused, result.created,
+                          decoded.refused, result.failed, result.unknown, decoded.samples,
+                          (time.perf_counter() - t0) * 1000)
+
+    async def save(self) -> SaveReport:
+        """Dump this VM's entries and encode them within the limit.
+
+        :raises VMStateError: when the table cannot be read
+        """
+        async with self._lock:
+            report = await asyncio.to_thread(self._save)
+        level = logging.WARNING if report.left_out else logging.INFO
+        log.log(level, "Save: %d entries with mark %d, sent %d in %d bytes, left out %d "
+                "(over the %d byte limit), %.1f ms", report.dumped, self.vmid, report.sent,
+                len(report.payload), report.left_out, self._limit, report.ms)
+        return report
+
+    async def load(self, data: bytes) -> LoadReport:
+        """Create the payload's entries with this VM's mark; bad lines are skipped.
+
+        :raises VMStateError: when the table cannot be written at all
+        """
+        async with self._lock:
+            report = await asyncio.to_thread(self._load, data)
+        for sample in report.samples:
+            log.warning("Load: line %d refused: %s", sample.line_no, sample.reason)
+        if report.refused > len(report.samples):
+            log.warning("Load: %d more lines refused", report.refused - len(report.samples))
+        for code, count in sorted(report.failed.items()):
+            log.warning("Load: kernel refused %d entries: %s", count, errno_text(code))
+        failed = sum(report.failed.values())
+        level = logging.WARNING if report.refused or failed or report.unknown else logging.INFO
+        log.log(level, "Load: %d bytes, %d lines, created %d entries with mark %d, refused %d, "
+                "failed %d, unknown %d, %.1f ms", report.received, report.lines, report.created,
+                self.vmid, report.refused, failed, report.unknown, report.ms)
+        return report

@@ -1,0 +1,31 @@
+"""Session-wide fixtures: one private system bus for the whole run."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support import PrivateBus, helper_factory, netns_factory, require, start_bus
+
+__all__ = ["helper_factory", "netns_factory", "system_bus"]
+
+
+@pytest.fixture(scope="session")
+def system_bus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateBus]:
+    """A private dbus-daemon of type system; DBUS_SYSTEM_BUS_ADDRESS points at it."""
+    require(shutil.which("dbus-daemon") is not None, "needs dbus-daemon")
+    bus = start_bus(Path(tmp_path_factory.mktemp("bus")))
+    old = os.environ.get("DBUS_SYSTEM_BUS_ADDRESS")
+    os.environ["DBUS_SYSTEM_BUS_ADDRESS"] = bus.address
+    try:
+        yield bus
+    finally:
+        bus.stop()
+        if old is None:
+            os.environ.pop("DBUS_SYSTEM_BUS_ADDRESS", None)
+        else:
+            os.environ["DBUS_SYSTEM_BUS_ADDRESS"] = old
