@@ -1,0 +1,146 @@
+"""The service on a private system bus, called through a second connection,
+with fake domain collaborators: error names, degradation, no leaked internals."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+from sdbus import DbusFailedError, SdBus, sd_bus_open_system
+
+from pvevmstate.conntrack import CreateResult
+from pvevmstate.dbus_api import VMSTATE_PATH, VMState1Interface, VMStateHelperInterface
+from pvevmstate.entry import Entry
+from pvevmstate.errors import ConntrackError, VMStateError
+from pvevmstate.service import VMStateService
+from pvevmstate.vmstate import VMState
+from tests.support import PrivateBus
+
+
+class FakeBackend:
+    def __init__(self, dump: list[Entry] | Exception, create: CreateResult | Exception) -> None:
+        self._dump, self._create = dump, create
+        self.created: list[Entry] = []
+
+    def dump(self, mark: int) -> list[Entry]:
+        if isinstance(self._dump, Exception):
+            raise self._dump
+        return self._dump
+
+    def create(self, entries: list[Entry], mark: int) -> CreateResult:
+        if isinstance(self._create, Exception):
+            raise self._create
+        self.created.extend(entries)
+        return self._create
+
+
+class FakeLifecycle:
+    def __init__(self, quit_error: Exception | None = None) -> None:
+        self.done = 0
+        self.quits = 0
+        self._quit_error = quit_error
+
+    def work_done(self) -> None:
+        self.done += 1
+
+    async def quit(self) -> None:
+        self.quits += 1
+        if self._quit_error is not None:
+            raise self._quit_error
+
+
+Body = Callable[[VMState1Interface, VMStateHelperInterface], Awaitable[None]]
+
+
+def serve(backend: FakeBackend, lifecycle: FakeLifecycle, body: Body) -> None:
+    """Export a service on one connection and run ``body`` against it from another."""
+
+    async def main() -> None:
+        server: SdBus = sd_bus_open_system()
+        caller: SdBus = sd_bus_open_system()
+        service = VMStateService(VMState(100, backend), lifecycle)
+        handle = service.export_to_dbus(VMSTATE_PATH, server)
+        await server.request_name_async("com.proxmox.VMStateHelper.VM100", 0)
+        try:
+            await body(VMState1Interface.new_proxy("com.proxmox.VMStateHelper.VM100", VMSTATE_PATH, caller),
+                       VMStateHelperInterface.new_proxy("com.proxmox.VMStateHelper.VM100", VMSTATE_PATH, caller))
+            await asyncio.sleep(0)
+        finally:
+            handle.stop()
+            caller.close()
+            server.close()
+
+    asyncio.run(main())
+
+
+@pytest.fixture(autouse=True)
+def _bus(system_bus: PrivateBus) -> None:
+    """Every test here talks over the private bus."""
+
+
+@pytest.mark.parametrize("failure", [ConntrackError("dump failed", 1), RuntimeError("secret /internal/path")])
+def test_save_never_fails_on_the_bus(failure: Exception, caplog: pytest.LogCaptureFixture) -> None:
+    lifecycle = FakeLifecycle()
+
+    async def body(vm: VMState1Interface, helper: VMStateHelperInterface) -> None:
+        assert await vm.save() == b"\x00"
+        assert await helper.num_migrated_entries == 0
+
+    serve(FakeBackend(failure, CreateResult()), lifecycle, body)
+    assert lifecycle.done == 1
+    assert "Save failed" in caplog.text
+
+
+def test_load_never_fails_on_the_bus(caplog: pytest.LogCaptureFixture) -> None:
+    lifecycle = FakeLifecycle()
+    line = (b"-A -t 5 -s 10.0.0.1 -d 10.0.0.2 -r 10.0.0.2 -q 10.0.0.1 -p udp --sport 1 --dport 2 --mark 100\n")
+
+    async def body(vm: VMState1Interface, helper: VMStateHelperInterface) -> None:
+        await vm.load(line)
+        await vm.load(b"\xff" * 1000)
+
+    serve(FakeBackend([], ConntrackError("create failed", 12)), lifecycle, body)
+    assert lifecycle.done == 2
+    assert "Load failed, answering without state: create failed: ENOMEM" in caplog.text
+
+
+def test_load_counts_what_was_created() -> None:
+    backend = FakeBackend([], CreateResult(created=1))
+    line = (b"-A -t 5 -s 10.0.0.1 -d 10.0.0.2 -r 10.0.0.2 -q 10.0.0.1 -p udp --sport 1 --dport 2\n")
+
+    async def body(vm: VMState1Interface, helper: VMStateHelperInterface) -> None:
+        await vm.load(line)
+        assert await helper.num_migrated_entries == 1
+        assert await vm.id == "pve-vmstate-100"
+
+    serve(backend, FakeLifecycle(), body)
+    assert len(backend.created) == 1
+
+
+@pytest.mark.parametrize(("failure", "name", "text"), [
+    (VMStateError("QEMU is gone"), "com.proxmox.VMStateHelper.Error.Failed", "Quit failed: QEMU is gone"),
+    (KeyError("/secret/internal"), "com.proxmox.VMStateHelper.Error.Internal", "internal error"),
+])
+def test_quit_errors_are_translated_without_internals(failure: Exception, name: str, text: str) -> None:
+    seen: dict[str, Any] = {}
+
+    async def body(vm: VMState1Interface, helper: VMStateHelperInterface) -> None:
+        with pytest.raises(DbusFailedError) as exc:
+            await helper.quit()
+        seen["error"] = exc.value
+
+    serve(FakeBackend([], CreateResult()), FakeLifecycle(failure), body)
+    err = seen["error"]
+    assert err.dbus_error_name == name
+    assert text in str(err) and "secret" not in str(err)
+
+
+def test_id_is_read_only() -> None:
+    async def body(vm: VMState1Interface, helper: VMStateHelperInterface) -> None:
+        with pytest.raises(DbusFailedError):
+            await vm.id.set_async("pve-vmstate-101")
+        assert await vm.id == "pve-vmstate-100"
+
+    serve(FakeBackend([], CreateResult()), FakeLifecycle(), body)

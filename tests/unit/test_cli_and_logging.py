@@ -1,0 +1,54 @@
+"""Command line validation and journal-friendly log lines."""
+
+from __future__ import annotations
+
+import io
+import logging
+
+import pytest
+
+from pvevmstate import __main__ as cli
+from pvevmstate import logsetup
+
+
+@pytest.mark.parametrize("text", ["100", "101", "4711", "999999999"])
+def test_good_vmids(text: str) -> None:
+    assert cli.vmid(text) == int(text)
+
+
+@pytest.mark.parametrize("text", ["", "abc", "0100", "99", "1000000000", "-100", "+100", " 100", "100\n", "1e3"])
+def test_bad_vmids(text: str) -> None:
+    with pytest.raises(Exception, match="invalid VMID"):
+        cli.vmid(text)
+
+
+def test_help_documents_every_option(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    for option in ("VMID", "--linger", "--debug", "--version", "DBUS_SYSTEM_BUS_ADDRESS"):
+        assert option in out
+
+
+def test_usage_error_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["100", "--linger", "-1"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("<3>pve-dbus-vmstate: ")
+
+
+def test_priority_prefixes_on_every_line() -> None:
+    stream = io.StringIO()
+    logsetup.configure(debug=True, stream=stream)
+    try:
+        log = logging.getLogger("t")
+        log.debug("d")
+        log.info("i")
+        log.warning("w")
+        log.error("e1\ne2")
+        log.critical("c")
+    finally:
+        logging.getLogger().handlers.clear()
+    assert stream.getvalue().splitlines() == ["<7>d", "<6>i", "<4>w", "<3>e1", "<3>e2", "<2>c"]

@@ -1,0 +1,89 @@
+"""ctnetlink message codec: requests decode back to the entries they encode."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+from pvevmstate import codec, nlmsg
+from pvevmstate.entry import IPS_CONFIRMED, Entry
+from pvevmstate.errors import ConntrackError
+from tests.support import example_lines
+
+
+def _decode_request(req: bytes) -> Entry:
+    mlen, mtype, flags, _seq, _pid = struct.unpack_from("=IHHII", req)
+    assert mlen == len(req) and mtype == nlmsg.IPCTNL_MSG_CT_NEW
+    assert flags & nlmsg.NLM_F_CREATE and flags & nlmsg.NLM_F_EXCL
+    return nlmsg.decode_entry(req, 20, mlen, req[16])
+
+
+@pytest.mark.parametrize("line", [ln for ln in example_lines() if " -n " not in ln and " -g " not in ln])
+def test_create_request_carries_the_line(line: str) -> None:
+    e = codec.parse_line(line)
+    got = _decode_request(nlmsg.create_request(e, 100, 7, ack=False))
+    assert got.mark == 100
+    assert got.status is None or got.status & IPS_CONFIRMED
+    assert codec.render_line(got) == line
+
+
+@pytest.mark.parametrize("line", [ln for ln in example_lines() if " -n " in ln or " -g " in ln])
+def test_nat_side_goes_as_zero_address_plus_nat_attribute(line: str) -> None:
+    e = codec.parse_line(line)
+    req = nlmsg.create_request(e, 100, 7, ack=True)
+    got = _decode_request(req)
+    zero = b"\0" * len(e.orig_src)
+    if e.is_snat():
+        assert got.reply_dst == zero and e.reply_dst in req
+    if e.is_dnat():
+        assert got.reply_src == zero and e.reply_src in req
+
+
+def test_tcp_flags_like_conntrack() -> None:
+    est = codec.parse_line(example_lines()[0])
+    req = nlmsg.create_request(est, 1, 1, ack=False)
+    assert bytes((0x0A, 0x0A)) in req
+    tw = codec.parse_line(next(ln for ln in example_lines() if "TIME_WAIT" in ln))
+    assert bytes((0x0E, 0x0E)) in nlmsg.create_request(tw, 1, 1, ack=False)
+
+
+def _msg(mtype: int, flags: int, seq: int, body: bytes) -> bytes:
+    return struct.pack("=IHHII", 16 + len(body), mtype, flags, seq, 0) + body
+
+
+def test_decode_dump_done_error_and_interrupt() -> None:
+    e = codec.parse_line(example_lines()[0])
+    entry_msg = nlmsg.create_request(e, 100, 5, ack=False)
+    # Re-type the create request as a dump reply in the middle of a dump.
+    reply = struct.pack("=IHHII", len(entry_msg), nlmsg.IPCTNL_MSG_CT_NEW, nlmsg.NLM_F_MULTI | nlmsg.NLM_F_DUMP_INTR,
+                        5, 0) + entry_msg[16:]
+    other_seq = struct.pack("=IHHII", len(entry_msg), nlmsg.IPCTNL_MSG_CT_NEW, 0, 99, 0) + entry_msg[16:]
+    done = _msg(nlmsg.NLMSG_DONE, nlmsg.NLM_F_MULTI, 5, b"\0\0\0\0")
+    out: list[Entry] = []
+    buf = reply + other_seq + done
+    chunk = nlmsg.decode_dump(buf, len(buf), 5, out)
+    assert chunk.done and chunk.interrupted and len(out) == 1
+    assert out[0].mark == 100
+
+    err = _msg(nlmsg.NLMSG_ERROR, 0, 5, struct.pack("=i", -1) + b"\0" * 16)
+    with pytest.raises(ConntrackError, match="EPERM"):
+        nlmsg.decode_dump(err, len(err), 5, [])
+
+
+def test_truncated_message_is_an_error() -> None:
+    bad = struct.pack("=IHHII", 400, nlmsg.IPCTNL_MSG_CT_NEW, 0, 5, 0) + b"\0" * 8
+    with pytest.raises(ConntrackError, match="truncated"):
+        nlmsg.decode_dump(bad, len(bad), 5, [])
+
+
+def test_iter_acks() -> None:
+    buf = (_msg(nlmsg.NLMSG_ERROR, 0, 3, struct.pack("=i", -17) + b"\0" * 16)
+           + _msg(nlmsg.NLMSG_ERROR, 0, 4, struct.pack("=i", 0) + b"\0" * 16))
+    assert list(nlmsg.iter_acks(buf, len(buf))) == [(3, 17), (4, 0)]
+
+
+def test_dump_request_always_sends_mark_with_full_mask() -> None:
+    req = nlmsg.dump_request(9, 0)
+    assert struct.pack("!I", 0) in req and struct.pack("!I", 0xFFFFFFFF) in req
+    assert req[16] == 0  # AF_UNSPEC: IPv4 and IPv6
