@@ -92,9 +92,9 @@ class VMState:
         async with self._lock:
             report = await asyncio.to_thread(self._save)
         level = logging.WARNING if report.left_out else logging.INFO
-        log.log(level, "Save: %d entries with mark %d, sent %d in %d bytes, left out %d "
-                "(over the %d byte limit), %.1f ms", report.dumped, self.vmid, report.sent,
-                len(report.payload), report.left_out, self._limit, report.ms)
+        log.log(level, "Save: %d entries with mark %d, sent %d in %d bytes (limit %d), left out %d, %.1f ms",
+                report.dumped, self.vmid, report.sent, len(report.payload), self._limit, report.left_out,
+                report.ms)
         return report
 
     async def load(self, data: bytes) -> LoadReport:

@@ -1,0 +1,8 @@
+#!/bin/bash
+# Sets everything up (tests/setup.sh) and runs a demo migration of VM 100's
+# conntrack state between two network namespaces over a private system bus.
+# Needs root (network namespaces); touches neither the host's bus nor its table.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash tests/setup.sh
+exec "${VENV:-.venv}/bin/python" -m tests.demo
