@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import select
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -59,9 +60,12 @@ log = logging.getLogger(__name__)
 DEFAULT_LINGER = 30.0
 #: How long a new helper waits for a replaced one to leave the bus.
 TAKEOVER_TIMEOUT = 10.0
+#: How often the bus socket is checked for a hang-up.
+WATCHDOG_INTERVAL = 0.5
 #: Timeout of the helper's own calls to the bus driver.
 BUS_CALL_TIMEOUT_USEC = 5_000_000
 
+POLLRDHUP = getattr(select, "POLLRDHUP", 0x2000)
 EXIT_OK = 0
 EXIT_FAILURE = 1
 
@@ -146,22 +150,23 @@ class Daemon:
             log.error("cannot connect to the system bus: %s", err)
             self._reason = "no bus"
             return EXIT_FAILURE
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop, signal.Signals(sig).name)
         driver = BusDriver.new_proxy(BUS_DRIVER_NAME, BUS_DRIVER_PATH, bus)
         service = VMStateService(VMState(vmid, backend), self)
         handle = service.export_to_dbus(VMSTATE_PATH, bus)
         watcher = asyncio.create_task(self._watch_names(driver))
-        loop = asyncio.get_running_loop()
+        watchdog = asyncio.create_task(self._watch_connection(bus))
         names: list[str] = []
         try:
             unique = await self._take_names(bus, driver, names)
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, self.stop, signal.Signals(sig).name)
             sd_notify("READY=1\nSTATUS=serving %s" % helper_id(vmid))
             log.info("helper for VM %d ready: Id %s, bus names %s and %s, unique name %s",
                      vmid, helper_id(vmid), helper_bus_name(vmid), VMSTATE_NAME, unique)
             assert self._stop is not None
             await self._stop.wait()
-            log.info("stopping: %s", self._reason)
+            log.log(logging.ERROR if self._exit else logging.INFO, "stopping: %s", self._reason)
             return self._exit
         except (BusError, SdBusBaseError) as err:
             log.error("D-Bus start-up failed: %s", err)
@@ -174,7 +179,9 @@ class Daemon:
             if self._linger is not None:
                 self._linger.cancel()
             watcher.cancel()
-            await self._release(driver, names)
+            if self._exit == EXIT_OK:
+                await self._release(driver, names)
+            watchdog.cancel()
             handle.stop()
             bus.close()
 
@@ -220,6 +227,23 @@ class Daemon:
                 self.stop("replaced by a newer helper")
             elif name == VMSTATE_NAME:
                 self.stop("lost %s" % VMSTATE_NAME, EXIT_FAILURE)
+
+    async def _watch_connection(self, bus: SdBus) -> None:
+        # Without this a helper whose dbus-daemon went away would wait forever:
+        # sdbus reports no disconnect (its match on sd-bus's local Disconnected
+        # signal never completes), so look at the socket itself.
+        lost = select.POLLHUP | select.POLLERR | select.POLLNVAL | POLLRDHUP
+        while True:
+            await asyncio.sleep(WATCHDOG_INTERVAL)
+            try:
+                poller = select.poll()
+                poller.register(bus.get_fd(), select.POLLIN | POLLRDHUP)
+                events = poller.poll(0)
+            except (OSError, ValueError, SdBusBaseError):
+                events = [(-1, select.POLLNVAL)]
+            if any(ev & lost for _fd, ev in events):
+                self.stop("the connection to the system bus was lost", EXIT_FAILURE)
+                return
 
     async def _release(self, driver: BusDriver, names: list[str]) -> None:
         for name in reversed(names):

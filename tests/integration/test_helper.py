@@ -19,6 +19,7 @@ from tests.support import (
     PrivateBus,
     example_lines,
     helper_command,
+    start_bus,
     strip_timeout,
     synthetic_lines,
     timeouts,
@@ -263,3 +264,16 @@ def test_vmstate_queue_is_what_qemu_sees(netns_factory: Factory, helper_factory:
     ids = {client.get_id(o) for o in client.queued_owners()}
     assert {"pve-vmstate-100", "pve-vmstate-102"} <= ids
     assert VMSTATE_NAME == "org.qemu.VMState1"
+
+
+def test_lost_bus_ends_the_helper_with_an_error(netns_factory: Factory, helper_factory: Factory,
+                                                tmp_path: Any) -> None:
+    bus = start_bus(tmp_path / "doomed-bus")
+    try:
+        helper = helper_factory(netns_factory(), VMID, bus=bus)
+        bus.proc.kill()
+        bus.proc.wait()
+        assert helper.wait_exit(10) == 1
+        assert "<3>stopping: the connection to the system bus was lost" in helper.journal()
+    finally:
+        bus.stop()
