@@ -14,7 +14,6 @@ import errno
 import logging
 import os
 import socket
-import threading
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -88,14 +87,13 @@ def open_netlink_socket() -> socket.socket:
 class Conntrack:
     """The conntrack table of the network namespace the socket was opened in.
 
-    Not thread-safe: one operation at a time (the service serialises them).
+    Not thread-safe: one operation at a time (VMState serialises them).
     """
 
     def __init__(self, sock: socket.socket | None = None) -> None:
         self._sock = sock if sock is not None else open_netlink_socket()
         self._seq = 0
         self._buf = bytearray(1 << 20)
-        self._lock = threading.Lock()
         rcvbuf = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
         #: Requests that may be answered before we read: beyond this, replies are lost.
         self.ack_budget = max(32, rcvbuf // ACK_COST // 2)
@@ -112,7 +110,7 @@ class Conntrack:
         n = self._sock.recv_into(self._buf, len(self._buf), socket.MSG_TRUNC)
         if n > len(self._buf):
             raise ConntrackError("netlink message larger than the receive buffer")
-        return bytes(self._buf[:n]), n
+        return bytes(memoryview(self._buf)[:n]), n
 
     def dump(self, mark: int) -> list[Entry]:
         """Return every entry (IPv4 and IPv6) whose mark equals ``mark``.
@@ -124,24 +122,23 @@ class Conntrack:
         :param mark: the CONNMARK to select
         :raises ConntrackError: when the dump fails or keeps being interrupted
         """
-        with self._lock:
-            for attempt in range(1, DUMP_ATTEMPTS + 1):
-                try:
-                    entries, interrupted = self._dump_once(mark)
-                except OSError as err:
-                    if err.errno != errno.ENOBUFS:
-                        raise ConntrackError("conntrack dump failed", err.errno) from err
-                    reason = "overran the receive buffer (ENOBUFS)"
-                else:
-                    if not interrupted:
-                        return entries
-                    reason = "was interrupted by a table change (NLM_F_DUMP_INTR)"
-                log.warning("conntrack dump %s, restarting (attempt %d of %d)",
-                            reason, attempt, DUMP_ATTEMPTS)
-                # The old dump may still be queued on this socket: start clean.
-                self._sock.close()
-                self._sock = open_netlink_socket()
-            raise ConntrackError("conntrack dump did not complete after %d attempts" % DUMP_ATTEMPTS)
+        for attempt in range(1, DUMP_ATTEMPTS + 1):
+            try:
+                entries, interrupted = self._dump_once(mark)
+            except OSError as err:
+                if err.errno != errno.ENOBUFS:
+                    raise ConntrackError("conntrack dump failed", err.errno) from err
+                reason = "overran the receive buffer (ENOBUFS)"
+            else:
+                if not interrupted:
+                    return entries
+                reason = "was interrupted by a table change (NLM_F_DUMP_INTR)"
+            log.warning("conntrack dump %s, restarting (attempt %d of %d)",
+                        reason, attempt, DUMP_ATTEMPTS)
+            # The old dump may still be queued on this socket: start clean.
+            self._sock.close()
+            self._sock = open_netlink_socket()
+        raise ConntrackError("conntrack dump did not complete after %d attempts" % DUMP_ATTEMPTS)
 
     def _dump_once(self, mark: int) -> tuple[list[Entry], bool]:
         seq = self._next_seq()
@@ -168,9 +165,8 @@ class Conntrack:
         :raises ConntrackError: when the socket itself fails
         """
         result = CreateResult()
-        with self._lock:
-            for start in range(0, len(entries), self.ack_budget):
-                self._create_batch(entries[start:start + self.ack_budget], mark, result)
+        for start in range(0, len(entries), self.ack_budget):
+            self._create_batch(entries[start:start + self.ack_budget], mark, result)
         return result
 
     def _create_batch(self, batch: list[Entry], mark: int, result: CreateResult) -> None:

@@ -136,9 +136,7 @@ class Daemon:
         try:
             return await self._serve(backend)
         finally:
-            close = getattr(backend, "close", None)
-            if close is not None:
-                close()
+            backend.close()
             log.info("helper for VM %d exiting: %s", vmid, self._reason or "error")
 
     async def _serve(self, backend: ConntrackBackend) -> int:

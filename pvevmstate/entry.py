@@ -36,10 +36,6 @@ PROTO_NAMES: dict[int, str] = {
 }
 PROTO_BY_NAME: dict[str, int] = {v: k for k, v in PROTO_NAMES.items()}
 
-# Protocols whose tuple carries a port (or GRE key) pair.
-PORT_PROTOS = frozenset((PROTO_TCP, PROTO_UDP, PROTO_UDPLITE, PROTO_SCTP, PROTO_DCCP, PROTO_GRE))
-ICMP_PROTOS = frozenset((PROTO_ICMP, PROTO_ICMPV6))
-
 # IPS_* status bits (include/uapi/linux/netfilter/nf_conntrack_common.h).
 IPS_EXPECTED = 0x0001
 IPS_SEEN_REPLY = 0x0002
@@ -64,7 +60,6 @@ TCP_STATES: tuple[str, ...] = (
     "NONE", "SYN_SENT", "SYN_RECV", "ESTABLISHED", "FIN_WAIT",
     "CLOSE_WAIT", "LAST_ACK", "TIME_WAIT", "CLOSE", "SYN_SENT2",
 )
-TCP_STATE_ESTABLISHED = 3
 TCP_STATE_TIME_WAIT = 7
 # conntrack-tools has names for SCTP states 0..7 only; 8 and 9 print as "(null)".
 SCTP_STATES: tuple[str, ...] = (

@@ -14,10 +14,6 @@ class VMStateError(Exception):
     """Base class of every error this package raises on purpose."""
 
 
-class ConfigError(VMStateError):
-    """Bad command line or environment (exit status 2)."""
-
-
 class CodecError(VMStateError):
     """A payload or a save line could not be converted."""
 
@@ -42,29 +38,6 @@ class ConntrackError(VMStateError):
 
 class BusError(VMStateError):
     """The D-Bus connection or a name request failed."""
-
-
-class QMPError(VMStateError):
-    """Talking to QEMU's monitor failed."""
-
-
-class QMPConnectError(QMPError):
-    """The monitor socket could not be reached or did not greet."""
-
-
-class QMPExecuteError(QMPError):
-    """QEMU answered a command with an error.
-
-    :param command: the QMP command name
-    :param error_class: QEMU's error class (e.g. ``GenericError``)
-    :param desc: QEMU's description
-    """
-
-    def __init__(self, command: str, error_class: str, desc: str) -> None:
-        super().__init__("%s failed: %s: %s" % (command, error_class, desc))
-        self.command = command
-        self.error_class = error_class
-        self.desc = desc
 
 
 def errno_text(code: int) -> str:

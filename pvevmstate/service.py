@@ -13,7 +13,7 @@ import asyncio
 import functools
 import logging
 from collections.abc import Callable, Coroutine
-from typing import Any, ParamSpec, Protocol, TypeVar
+from typing import Any, ParamSpec, Protocol, TypeVar, cast
 
 from sdbus import dbus_method_async_override, dbus_property_async_override
 
@@ -45,8 +45,21 @@ class Lifecycle(Protocol):
         """``Quit`` was called: clean up; the process ends after the reply."""
 
 
-def degrade(member: str, fallback: R) -> Callable[[Method[P, R]], Method[P, R]]:
-    """Never let ``member`` fail on the bus: log the error, answer ``fallback``.
+class _Raise:
+    """Marker: the member answers errors with a D-Bus error."""
+
+
+RAISE = _Raise()
+
+
+def boundary(member: str, fallback: object = RAISE) -> Callable[[Method[P, R]], Method[P, R]]:
+    """Where errors meet the bus: log them once, then degrade or translate.
+
+    With a ``fallback`` the member never fails on the bus: it logs and answers
+    the fallback (Save and Load, whose errors would cost QEMU the VM). Without
+    one, known errors become :class:`HelperError` carrying their message and
+    anything else becomes :class:`HelperInternalError` with no internals.
+    Tracebacks go to DEBUG.
 
     :param member: the D-Bus member name, for the journal
     :param fallback: what to answer instead of an error
@@ -56,39 +69,19 @@ def degrade(member: str, fallback: R) -> Callable[[Method[P, R]], Method[P, R]]:
         async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
             try:
                 return await fn(*args, **kwargs)
-            except VMStateError as err:
-                log.error("%s failed, answering without state: %s", member, err)
-                log.debug("%s failure", member, exc_info=True)
-            except Exception as err:  # the boundary: anything else must not reach QEMU either
-                log.error("%s failed unexpectedly, answering without state: %s: %s",
-                          member, type(err).__name__, err)
-                log.debug("%s failure", member, exc_info=True)
-            return fallback
-
-        functools.update_wrapper(wrapper, fn)
-        return wrapper
-
-    return wrap
-
-
-def translate(member: str) -> Callable[[Method[P, R]], Method[P, R]]:
-    """Turn errors of a control member into D-Bus errors without internals.
-
-    :param member: the D-Bus member name, for the journal
-    """
-
-    def wrap(fn: Method[P, R]) -> Method[P, R]:
-        async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-            try:
-                return await fn(*args, **kwargs)
-            except VMStateError as err:
-                log.error("%s failed: %s", member, err)
-                log.debug("%s failure", member, exc_info=True)
-                raise HelperError("%s failed: %s" % (member, err)) from err
             except Exception as err:
-                log.error("%s failed unexpectedly: %s: %s", member, type(err).__name__, err)
+                known = isinstance(err, VMStateError)
+                what = str(err) if known else "%s: %s" % (type(err).__name__, err)
                 log.debug("%s failure", member, exc_info=True)
-                raise HelperInternalError("internal error, see the helper's journal") from err
+                if isinstance(fallback, _Raise):
+                    log.error("%s failed%s: %s", member, "" if known else " unexpectedly", what)
+                    if known:
+                        raise HelperError("%s failed: %s" % (member, err)) from err
+                    raise HelperInternalError("internal error, see the helper's journal") from err
+                log.error("%s failed%s, answering without state: %s",
+                          member, "" if known else " unexpectedly", what)
+                # The decorated member's declared result type is the fallback's.
+                return cast(R, fallback)
 
         functools.update_wrapper(wrapper, fn)
         return wrapper
@@ -131,7 +124,7 @@ class VMStateService(VMState1Interface, VMStateHelperInterface):
         await self.num_migrated_entries.set_async(value)
 
     @dbus_method_async_override()
-    @degrade("Save", codec.NO_STATE)
+    @boundary("Save", codec.NO_STATE)
     async def save(self) -> bytes:
         try:
             report = await self._state.save()
@@ -141,7 +134,7 @@ class VMStateService(VMState1Interface, VMStateHelperInterface):
             self._answered()
 
     @dbus_method_async_override()
-    @degrade("Load", None)
+    @boundary("Load", None)
     async def load(self, data: bytes) -> None:
         try:
             report = await self._state.load(bytes(data))
@@ -150,7 +143,7 @@ class VMStateService(VMState1Interface, VMStateHelperInterface):
             self._answered()
 
     @dbus_method_async_override()
-    @translate("Quit")
+    @boundary("Quit")
     async def quit(self) -> None:
         log.info("Quit called")
         await self._lifecycle.quit()

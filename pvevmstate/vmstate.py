@@ -29,6 +29,8 @@ class ConntrackBackend(Protocol):
 
     def create(self, entries: list[Entry], mark: int) -> CreateResult: ...
 
+    def close(self) -> None: ...
+
 
 @dataclass(slots=True)
 class SaveReport:

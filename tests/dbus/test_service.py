@@ -35,6 +35,9 @@ class FakeBackend:
         self.created.extend(entries)
         return self._create
 
+    def close(self) -> None:
+        pass
+
 
 class FakeLifecycle:
     def __init__(self, quit_error: Exception | None = None) -> None:
