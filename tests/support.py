@@ -39,7 +39,7 @@ def require(condition: bool, why: str) -> None:
 
 def require_root() -> None:
     require(os.geteuid() == 0, "needs root (CAP_NET_ADMIN) for network namespaces")
-    for tool in ("ip", "conntrack", "dbus-daemon"):
+    for tool in ("ip", "conntrack", "dbus-daemon", "busctl"):
         require(shutil.which(tool) is not None, "needs %s" % tool)
 
 

@@ -277,3 +277,12 @@ def test_lost_bus_ends_the_helper_with_an_error(netns_factory: Factory, helper_f
         assert "<3>stopping: the connection to the system bus was lost" in helper.journal()
     finally:
         bus.stop()
+
+
+def test_introspection_shows_both_interfaces(netns_factory: Factory, helper_factory: Factory) -> None:
+    helper_factory(netns_factory(), VMID)
+    out = subprocess.run(["busctl", "--system", "introspect", client.vm(VMID), "/org/qemu/VMState1"],
+                         capture_output=True, check=True, timeout=30).stdout.decode()
+    for member in ("org.qemu.VMState1", ".Save", ".Load", ".Id", "com.proxmox.VMStateHelper",
+                   ".Quit", ".NumMigratedEntries"):
+        assert member in out

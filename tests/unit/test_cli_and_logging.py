@@ -52,3 +52,11 @@ def test_priority_prefixes_on_every_line() -> None:
     finally:
         logging.getLogger().handlers.clear()
     assert stream.getvalue().splitlines() == ["<7>d", "<6>i", "<4>w", "<3>e1", "<3>e2", "<2>c"]
+
+
+def test_console_script_points_at_main() -> None:
+    import tomllib
+    from pathlib import Path
+
+    project = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())
+    assert project["project"]["scripts"]["pve-dbus-vmstate"] == "pvevmstate.__main__:main"
