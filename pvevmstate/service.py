@@ -71,17 +71,17 @@ def boundary(member: str, fallback: object = RAISE) -> Callable[[Method[P, R]], 
                 return await fn(*args, **kwargs)
             except Exception as err:
                 known = isinstance(err, VMStateError)
-                what = str(err) if known else "%s: %s" % (type(err).__name__, err)
+                degrade = not isinstance(fallback, _Raise)
+                log.error("%s failed%s%s: %s", member, "" if known else " unexpectedly",
+                          ", answering without state" if degrade else "",
+                          err if known else "%s: %s" % (type(err).__name__, err))
                 log.debug("%s failure", member, exc_info=True)
-                if isinstance(fallback, _Raise):
-                    log.error("%s failed%s: %s", member, "" if known else " unexpectedly", what)
-                    if known:
-                        raise HelperError("%s failed: %s" % (member, err)) from err
-                    raise HelperInternalError("internal error, see the helper's journal") from err
-                log.error("%s failed%s, answering without state: %s",
-                          member, "" if known else " unexpectedly", what)
-                # The decorated member's declared result type is the fallback's.
-                return cast(R, fallback)
+                if degrade:
+                    # The decorated member's declared result type is the fallback's.
+                    return cast(R, fallback)
+                if known:
+                    raise HelperError("%s failed: %s" % (member, err)) from err
+                raise HelperInternalError("internal error, see the helper's journal") from err
 
         functools.update_wrapper(wrapper, fn)
         return wrapper
@@ -138,7 +138,7 @@ class VMStateService(VMState1Interface, VMStateHelperInterface):
     async def load(self, data: bytes) -> None:
         try:
             report = await self._state.load(bytes(data))
-            await self._count(report.created)
+            await self._count(report.result.created)
         finally:
             self._answered()
 

@@ -10,8 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 from . import codec
@@ -45,16 +44,14 @@ class SaveReport:
 
 @dataclass(slots=True)
 class LoadReport:
-    """What one Load did."""
+    """What one Load did: what the payload held and what the kernel made of it."""
 
     received: int
     lines: int
-    created: int
     refused: int
-    failed: Counter[int] = field(default_factory=Counter)
-    unknown: int = 0
-    samples: list[codec.Refusal] = field(default_factory=list)
-    ms: float = 0.0
+    samples: list[codec.Refusal]
+    result: CreateResult
+    ms: float
 
 
 class VMState:
@@ -82,9 +79,8 @@ class VMState:
         t0 = time.perf_counter()
         decoded = codec.decode_payload(data, self.vmid)
         result = self._backend.create(decoded.entries, self.vmid) if decoded.entries else CreateResult()
-        return LoadReport(len(data), len(decoded.entries) + decoded.refused, result.created,
-                          decoded.refused, result.failed, result.unknown, decoded.samples,
-                          (time.perf_counter() - t0) * 1000)
+        return LoadReport(len(data), len(decoded.entries) + decoded.refused, decoded.refused,
+                          decoded.samples, result, (time.perf_counter() - t0) * 1000)
 
     async def save(self) -> SaveReport:
         """Dump this VM's entries and encode them within the limit.
@@ -110,11 +106,12 @@ class VMState:
             log.warning("Load: line %d refused: %s", sample.line_no, sample.reason)
         if report.refused > len(report.samples):
             log.warning("Load: %d more lines refused", report.refused - len(report.samples))
-        for code, count in sorted(report.failed.items()):
+        result = report.result
+        for code, count in sorted(result.failed.items()):
             log.warning("Load: kernel refused %d entries: %s", count, errno_text(code))
-        failed = sum(report.failed.values())
-        level = logging.WARNING if report.refused or failed or report.unknown else logging.INFO
+        failed = result.failed_total
+        level = logging.WARNING if report.refused or failed or result.unknown else logging.INFO
         log.log(level, "Load: %d bytes, %d lines, created %d entries with mark %d, refused %d, "
-                "failed %d, unknown %d, %.1f ms", report.received, report.lines, report.created,
-                self.vmid, report.refused, failed, report.unknown, report.ms)
+                "failed %d, unknown %d, %.1f ms", report.received, report.lines, result.created,
+                self.vmid, report.refused, failed, result.unknown, report.ms)
         return report

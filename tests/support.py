@@ -7,7 +7,6 @@ network namespace, and every process is stopped by its PID.
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import os
 import random
@@ -239,11 +238,6 @@ def helper_factory(tmp_path: Path, system_bus: PrivateBus) -> Iterator[object]:
 
 
 # ------------------------------------------------------------------ client
-
-
-def run(coro: object) -> object:
-    """Run one client coroutine on a fresh loop (each with its own bus connection)."""
-    return asyncio.run(coro)  # type: ignore[arg-type]
 
 
 def strip_timeout(line: str) -> str:

@@ -2,19 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from pvevmstate import codec
 from pvevmstate.entry import IPS_SRC_NAT_DONE, PROTO_ICMP, Entry
 from pvevmstate.errors import CodecError
-
-EXAMPLES = Path(__file__).resolve().parent.parent / "data" / "examples.save"
-
-
-def example_lines() -> list[str]:
-    return [ln for ln in EXAMPLES.read_text().splitlines() if ln and not ln.startswith("#")]
+from tests.support import example_lines
 
 
 def test_examples_present() -> None:
