@@ -46,6 +46,7 @@ def seconds(text: str) -> float:
 def build_parser() -> argparse.ArgumentParser:
     """The command line parser (``--help`` documents every option)."""
     from .daemon import DEFAULT_LINGER
+    from .qmp import DEFAULT_TIMEOUT
 
     parser = _Parser(
         prog="pve-dbus-vmstate",
@@ -53,13 +54,19 @@ def build_parser() -> argparse.ArgumentParser:
                     "migration: serves org.qemu.VMState1 on the system bus for QEMU's "
                     "dbus-vmstate object. Normally started as pve-dbus-vmstate@VMID.service.",
         epilog="The system bus is taken from DBUS_SYSTEM_BUS_ADDRESS when set. Exit status: "
-               "0 clean end, 1 fatal error (no bus, no netlink, names not obtainable), 2 bad usage.",
+               "0 clean end, 1 fatal error (no bus, no netlink, names not obtainable, QEMU not "
+               "reachable or refusing the object), 2 bad usage.",
     )
     parser.add_argument("vmid", type=vmid, metavar="VMID",
                         help="the VM (100..999999999); its entries carry this CONNMARK")
     parser.add_argument("--linger", type=seconds, default=DEFAULT_LINGER, metavar="SECONDS",
                         help="stay this long after a Save or Load was answered, so the caller can "
                              "read NumMigratedEntries and call Quit (default: %(default)g)")
+    parser.add_argument("--qmp-socket", metavar="PATH",
+                        help="the VM's QMP monitor socket (default: /var/run/qemu-server/VMID.qmp)")
+    parser.add_argument("--qmp-timeout", type=seconds, default=DEFAULT_TIMEOUT, metavar="SECONDS",
+                        help="give up on a QMP step (connect, greeting, command) after this long; the "
+                             "monitor serves one client at a time (default: %(default)g)")
     parser.add_argument("--debug", action="store_true", help="log at debug level, with tracebacks")
     parser.add_argument("--version", action="version", version="%(prog)s " + __version__)
     return parser
@@ -71,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     logsetup.configure(debug=args.debug)
     from .daemon import Daemon, Settings
 
-    settings = Settings(vmid=args.vmid, linger=args.linger)
+    settings = Settings(vmid=args.vmid, linger=args.linger, qmp_socket=args.qmp_socket or "",
+                        qmp_timeout=args.qmp_timeout)
     return asyncio.run(Daemon(settings).run())
 
 

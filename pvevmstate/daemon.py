@@ -8,10 +8,20 @@ Order of start-up, and why:
    stale helper of the same VM, and wait until that one has left the bus, so
    QEMU never sees two owners with one Id (it silently calls the first);
 4. queue for ``org.qemu.VMState1`` (never replacing anybody);
-5. tell systemd we are ready.
+5. add the ``dbus-vmstate`` object to the VM's QEMU over QMP (replacing a
+   left-over one): QEMU must know the helper before a migration can use it;
+6. only then tell systemd we are ready, so ``systemctl start`` returning
+   means QEMU knows the helper.
 
-Teardown runs in reverse. The process ends on Quit, SIGTERM/SIGINT, loss of
-the per-VM name, or a linger period after its Save or Load was answered.
+After its work the helper follows the migration through QMP: a destination
+removes the object once QEMU has left ``inmigrate``; a source whose migration
+failed or was cancelled removes it at once and exits. Teardown runs in
+reverse: wait until no Save or Load is still waiting for its reply, remove the
+QEMU object if QEMU still has it (not when a newer helper replaced this one:
+the object is then the newer helper's), release the names, close the bus.
+
+The process ends on Quit, SIGTERM/SIGINT, loss of the per-VM name, a failed
+outgoing migration, or a linger period after its Save or Load was answered.
 """
 
 from __future__ import annotations
@@ -48,8 +58,11 @@ from .dbus_api import (
     helper_bus_name,
     helper_id,
 )
-from .errors import BusError, VMStateError
+from .errors import BusError, QMPError, VMStateError
 from .notify import sd_notify
+from .qemu import QemuObject, default_qmp_socket, system_bus_address
+from .qmp import DEFAULT_TIMEOUT as QMP_TIMEOUT
+from .qmp import QMPClient
 from .service import VMStateService
 from .vmstate import ConntrackBackend, VMState
 
@@ -64,6 +77,10 @@ TAKEOVER_TIMEOUT = 10.0
 WATCHDOG_INTERVAL = 0.5
 #: Timeout of the helper's own calls to the bus driver.
 BUS_CALL_TIMEOUT_USEC = 5_000_000
+#: How long the helper follows a migration after its Save or Load.
+FOLLOW_TIMEOUT = 120.0
+#: How long teardown waits for a Save or Load still running (QEMU's own call timeout).
+DRAIN_TIMEOUT = 25.0
 
 POLLRDHUP = getattr(select, "POLLRDHUP", 0x2000)
 EXIT_OK = 0
@@ -77,6 +94,15 @@ class Settings:
     vmid: int
     linger: float = DEFAULT_LINGER
     takeover_timeout: float = TAKEOVER_TIMEOUT
+    qmp_socket: str = ""
+    qmp_timeout: float = QMP_TIMEOUT
+    bus_address: str = ""
+    follow_timeout: float = FOLLOW_TIMEOUT
+
+    @property
+    def monitor(self) -> str:
+        """The VM's QMP socket."""
+        return self.qmp_socket or default_qmp_socket(self.vmid)
 
 
 class Daemon:
@@ -85,6 +111,7 @@ class Daemon:
     :param settings: the VMID and timing
     :param bus_factory: opens the bus connection (the system bus by default)
     :param backend_factory: opens the conntrack table
+    :param qemu: the VM's QEMU object (made from the settings by default)
     """
 
     def __init__(
@@ -92,14 +119,23 @@ class Daemon:
         settings: Settings,
         bus_factory: Callable[[], SdBus] = sd_bus_open_system,
         backend_factory: Callable[[], ConntrackBackend] = Conntrack,
+        qemu: QemuObject | None = None,
     ) -> None:
         self.settings = settings
         self._bus_factory = bus_factory
         self._backend_factory = backend_factory
+        self.qemu = qemu or QemuObject(settings.monitor, settings.bus_address or system_bus_address(),
+                                       helper_id(settings.vmid),
+                                       lambda path: QMPClient(path, settings.qmp_timeout))
         self._stop: asyncio.Event | None = None
         self._reason = ""
         self._exit = EXIT_OK
         self._linger: asyncio.TimerHandle | None = None
+        self._follow: asyncio.Task[None] | None = None
+        # Whether QEMU may still hold our object; False once it was removed,
+        # once QEMU is gone, or once a newer helper took over.
+        self._registered = False
+        self._bus_lost = False
 
     # -------------------------------------------------------- Lifecycle
 
@@ -110,8 +146,11 @@ class Daemon:
         self._reason, self._exit = reason, code
         self._stop.set()
 
-    def work_done(self) -> None:
-        """Start the linger period after an answered Save or Load."""
+    def work_done(self, member: str) -> None:
+        """Follow the migration and start the linger period after an answered Save or Load."""
+        if self._follow is None and self._registered:
+            follow = self._follow_outgoing if member == "Save" else self._follow_incoming
+            self._follow = asyncio.create_task(follow())
         if self._linger is not None:
             return
         log.info("work done, exiting in %.1f s (or on Quit)", self.settings.linger)
@@ -159,16 +198,22 @@ class Daemon:
         names: list[str] = []
         try:
             unique = await self._take_names(bus, driver, names)
+            await self._register()
             sd_notify("READY=1\nSTATUS=serving %s" % helper_id(vmid))
-            log.info("helper for VM %d ready: Id %s, bus names %s and %s, unique name %s",
-                     vmid, helper_id(vmid), helper_bus_name(vmid), VMSTATE_NAME, unique)
+            log.info("helper for VM %d ready: Id %s, bus names %s and %s, unique name %s, QEMU %s",
+                     vmid, helper_id(vmid), helper_bus_name(vmid), VMSTATE_NAME, unique,
+                     self.qemu.qmp_socket)
             assert self._stop is not None
             await self._stop.wait()
             log.log(logging.ERROR if self._exit else logging.INFO, "stopping: %s", self._reason)
             return self._exit
         except (BusError, SdBusBaseError) as err:
             log.error("D-Bus start-up failed: %s", err)
-            self._reason = "D-Bus start-up failed"
+            self._reason, self._exit = "D-Bus start-up failed", EXIT_FAILURE
+            return EXIT_FAILURE
+        except QMPError as err:
+            log.error("cannot register with the QEMU of VM %d: %s", vmid, err)
+            self._reason, self._exit = "not registered with QEMU", EXIT_FAILURE
             return EXIT_FAILURE
         finally:
             sd_notify("STOPPING=1")
@@ -177,11 +222,75 @@ class Daemon:
             if self._linger is not None:
                 self._linger.cancel()
             watcher.cancel()
-            if self._exit == EXIT_OK:
+            if not self._bus_lost:
+                await self._drain(service)
+            if self._follow is not None:
+                self._follow.cancel()
+            await self._unregister("the helper exits")
+            if not self._bus_lost:
                 await self._release(driver, names)
             watchdog.cancel()
             handle.stop()
             bus.close()
+
+    async def _register(self) -> None:
+        qemu = self.qemu
+        log.debug("adding %s to QEMU at %s", qemu.helper_id, qemu.qmp_socket)
+        replaced = await qemu.add()
+        self._registered = True
+        if replaced:
+            log.warning("replaced a left-over dbus-vmstate object in the QEMU of VM %d", self.settings.vmid)
+
+    async def _unregister(self, why: str) -> None:
+        if not self._registered:
+            return
+        try:
+            if await self.qemu.remove():
+                log.info("removed the dbus-vmstate object from QEMU: %s", why)
+        except QMPError as err:
+            # Most often the VM has already been stopped; then there is nothing to remove.
+            log.info("could not remove the dbus-vmstate object from QEMU (%s): %s", why, err)
+        # Not in a finally: a removal cut short by cancellation is tried again at teardown.
+        self._registered = False
+
+    async def _drain(self, service: VMStateService) -> None:
+        try:
+            await asyncio.wait_for(service.drained(), DRAIN_TIMEOUT)
+        except TimeoutError:
+            log.error("a Save or Load still runs after %.0f s; leaving anyway", DRAIN_TIMEOUT)
+
+    async def _follow_incoming(self) -> None:
+        # Destination: QEMU calls Load inside the incoming migration; once it
+        # has left inmigrate the object has served and must go, so that a later
+        # migration without conntrack state does not meet a section nobody sends.
+        try:
+            state = await self.qemu.wait_incoming_done(self.settings.follow_timeout)
+        except QMPError as err:
+            log.info("stopped following the incoming migration: %s", err)
+            return
+        if state is None:
+            log.warning("QEMU still in inmigrate %.0f s after Load", self.settings.follow_timeout)
+            return
+        log.info("incoming migration finished, VM is %s", state)
+        await self._unregister("incoming migration finished")
+
+    async def _follow_outgoing(self) -> None:
+        # Source: after Save the migration completes or fails. On failure the
+        # VM keeps running here, and an object left behind would break its next
+        # migration, so it goes now and so does the helper.
+        try:
+            state = await self.qemu.wait_outgoing_done(self.settings.follow_timeout)
+        except QMPError as err:
+            log.info("stopped following the outgoing migration: %s", err)
+            return
+        if state is None:
+            log.warning("migration still not finished %.0f s after Save", self.settings.follow_timeout)
+        elif state == "completed":
+            log.info("outgoing migration completed")
+        else:
+            log.warning("outgoing migration %s after Save", state)
+            await self._unregister("migration %s" % state)
+            self.stop("migration %s" % state)
 
     async def _take_names(self, bus: SdBus, driver: BusDriver, names: list[str]) -> str:
         vmid = self.settings.vmid
@@ -222,6 +331,7 @@ class Daemon:
         async for name in driver.name_lost.catch():
             if name == own:
                 log.warning("a newer helper for VM %d took over %s", self.settings.vmid, own)
+                self._registered = False  # the QEMU object is the newer helper's now
                 self.stop("replaced by a newer helper")
             elif name == VMSTATE_NAME:
                 self.stop("lost %s" % VMSTATE_NAME, EXIT_FAILURE)
@@ -240,6 +350,7 @@ class Daemon:
             except (OSError, ValueError, SdBusBaseError):
                 events = [(-1, select.POLLNVAL)]
             if any(ev & lost for _fd, ev in events):
+                self._bus_lost = True
                 self.stop("the connection to the system bus was lost", EXIT_FAILURE)
                 return
 

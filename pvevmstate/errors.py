@@ -40,6 +40,33 @@ class BusError(VMStateError):
     """The D-Bus connection or a name request failed."""
 
 
+class QMPError(VMStateError):
+    """Talking to QEMU's monitor failed (connection broke, garbage, no session)."""
+
+
+class QMPConnectError(QMPError):
+    """QEMU's monitor is not there, refused us, or did not greet in time."""
+
+
+class QMPTimeoutError(QMPError):
+    """QEMU did not answer a command in time."""
+
+
+class QMPExecuteError(QMPError):
+    """QEMU answered a command with an error.
+
+    :param command: the QMP command
+    :param error_class: QEMU's error class, e.g. ``GenericError``
+    :param desc: QEMU's description
+    """
+
+    def __init__(self, command: str, error_class: str, desc: str) -> None:
+        super().__init__("%s: %s (%s)" % (command, desc, error_class))
+        self.command = command
+        self.error_class = error_class
+        self.desc = desc
+
+
 def errno_text(code: int) -> str:
     """Render an errno value as ``NAME (text)``, e.g. ``EEXIST (File exists)``."""
     import os

@@ -38,8 +38,8 @@ Method = Callable[P, Coroutine[Any, Any, R]]
 class Lifecycle(Protocol):
     """What the service tells the daemon."""
 
-    def work_done(self) -> None:
-        """A Save or Load has been answered."""
+    def work_done(self, member: str) -> None:
+        """A Save or Load (``member``) has been answered."""
 
     async def quit(self) -> None:
         """``Quit`` was called: clean up; the process ends after the reply."""
@@ -102,11 +102,32 @@ class VMStateService(VMState1Interface, VMStateHelperInterface):
         self._lifecycle = lifecycle
         self._id = helper_id(state.vmid)
         self._migrated = 0
+        self._busy = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
 
-    def _answered(self) -> None:
+    def _started(self) -> None:
+        self._busy += 1
+        self._idle.clear()
+
+    def _answered(self, member: str) -> None:
         # sdbus sends the reply right after the method returns, in the same
         # task step; call_soon runs after that.
-        asyncio.get_running_loop().call_soon(self._lifecycle.work_done)
+        asyncio.get_running_loop().call_soon(self._replied, member)
+
+    def _replied(self, member: str) -> None:
+        self._busy -= 1
+        if not self._busy:
+            self._idle.set()
+        self._lifecycle.work_done(member)
+
+    async def drained(self) -> None:
+        """Return once no Save or Load is waiting for its reply to go out.
+
+        The helper must not leave the bus while QEMU waits for an answer:
+        a missing answer costs the destination its VM.
+        """
+        await self._idle.wait()
 
     @dbus_property_async_override()
     def id(self) -> str:
@@ -126,21 +147,23 @@ class VMStateService(VMState1Interface, VMStateHelperInterface):
     @dbus_method_async_override()
     @boundary("Save", codec.NO_STATE)
     async def save(self) -> bytes:
+        self._started()
         try:
             report = await self._state.save()
             await self._count(report.sent)
             return report.payload
         finally:
-            self._answered()
+            self._answered("Save")
 
     @dbus_method_async_override()
     @boundary("Load", None)
     async def load(self, data: bytes) -> None:
+        self._started()
         try:
             report = await self._state.load(bytes(data))
             await self._count(report.result.created)
         finally:
-            self._answered()
+            self._answered("Load")
 
     @dbus_method_async_override()
     @boundary("Quit")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from typing import Any
 
 from sdbus import DbusNameHasNoOwnerError, sd_bus_open_system
@@ -19,16 +20,34 @@ from pvevmstate.dbus_api import (
 )
 
 
-async def _with_bus(fn: Any, *args: Any) -> Any:
-    bus = sd_bus_open_system()
+def open_bus(address: str | None = None) -> Any:
+    """Connect to the session-wide private bus, or to the bus at ``address``.
+
+    sd-bus takes the system bus address only from the environment.
+    """
+    if address is None:
+        return sd_bus_open_system()
+    old = os.environ.get("DBUS_SYSTEM_BUS_ADDRESS")
+    os.environ["DBUS_SYSTEM_BUS_ADDRESS"] = address
+    try:
+        return sd_bus_open_system()
+    finally:
+        if old is None:
+            del os.environ["DBUS_SYSTEM_BUS_ADDRESS"]
+        else:
+            os.environ["DBUS_SYSTEM_BUS_ADDRESS"] = old
+
+
+async def _with_bus(address: str | None, fn: Any, *args: Any) -> Any:
+    bus = open_bus(address)
     try:
         return await fn(bus, *args)
     finally:
         bus.close()
 
 
-def _run(fn: Any, *args: Any) -> Any:
-    return asyncio.run(_with_bus(fn, *args))
+def _run(fn: Any, *args: Any, address: str | None = None) -> Any:
+    return asyncio.run(_with_bus(address, fn, *args))
 
 
 async def _save(bus: Any, dest: str) -> bytes:
@@ -70,33 +89,33 @@ def vm(vmid: int) -> str:
     return helper_bus_name(vmid)
 
 
-def save(dest: str) -> bytes:
-    return bytes(_run(_save, dest))
+def save(dest: str, address: str | None = None) -> bytes:
+    return bytes(_run(_save, dest, address=address))
 
 
-def load(dest: str, data: bytes) -> None:
-    _run(_load, dest, data)
+def load(dest: str, data: bytes, address: str | None = None) -> None:
+    _run(_load, dest, data, address=address)
 
 
-def get_id(dest: str) -> str:
-    return str(_run(_id, dest))
+def get_id(dest: str, address: str | None = None) -> str:
+    return str(_run(_id, dest, address=address))
 
 
-def count(dest: str) -> int:
-    return int(_run(_count, dest))
+def count(dest: str, address: str | None = None) -> int:
+    return int(_run(_count, dest, address=address))
 
 
-def quit_helper(dest: str) -> None:
-    _run(_quit, dest)
+def quit_helper(dest: str, address: str | None = None) -> None:
+    _run(_quit, dest, address=address)
 
 
-def queued_owners() -> list[str]:
-    return list(_run(_queued))
+def queued_owners(address: str | None = None) -> list[str]:
+    return list(_run(_queued, address=address))
 
 
-def has_owner(name: str) -> bool:
-    return bool(_run(_has_owner, name))
+def has_owner(name: str, address: str | None = None) -> bool:
+    return bool(_run(_has_owner, name, address=address))
 
 
-def owner(name: str) -> str:
-    return str(_run(_owner, name))
+def owner(name: str, address: str | None = None) -> str:
+    return str(_run(_owner, name, address=address))

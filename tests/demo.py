@@ -1,94 +1,126 @@
-"""A migration of VM 100's conntrack state between two "hosts" on one machine.
+"""A live migration of VM 100, with its conntrack state, between two "hosts" on one machine.
 
-Two network namespaces stand for the source and destination hosts, each with
-its own private system-type dbus-daemon; a helper runs in each namespace on
-its host's bus, and this script plays QEMU: Save on the source, Load on the
-destination. Nothing
-touches the host's own bus or conntrack table; everything is removed at the end.
+The same setup as tests/integration/test_migration.py: each host is a network
+namespace with its own conntrack table plus a private system-type
+dbus-daemon; a source QEMU and a destination QEMU (``-incoming``, ``-S``) run
+VM 100; a helper runs on each host, inside its namespace, on its bus,
+registered with its QEMU. The script then does what qemu-server does:
+``migrate``, ``cont`` on the destination, read ``NumMigratedEntries`` and
+``Quit`` both helpers. The helpers' journal lines go to this terminal.
+Nothing touches the host's own bus or conntrack table; everything started is
+stopped by PID and removed at the end.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from pyroute2 import netns
 
 from tests import client
-from tests.support import REPO, Netns, PrivateBus, example_lines, helper_command, start_bus, synthetic_lines
+from tests.support import (
+    REPO,
+    Netns,
+    PrivateBus,
+    Qemu,
+    example_lines,
+    helper_command,
+    start_bus,
+    start_qemu,
+    synthetic_lines,
+)
 
 VMID = 100
 
 
-def on(bus: PrivateBus, fn: Callable[..., Any], *args: Any) -> Any:
-    """Call a client function on one host's bus."""
-    os.environ["DBUS_SYSTEM_BUS_ADDRESS"] = bus.address
-    return fn(*args)
+def wait(predicate: Callable[[], bool], what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise SystemExit("timed out waiting for " + what)
+        time.sleep(0.05)
+
+
+def say(text: str) -> None:
+    print("\n### " + text, flush=True)
 
 
 def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="pvevmstate-demo-"))
-    buses = [start_bus(tmp / "source-bus"), start_bus(tmp / "destination-bus")]
+    buses: list[PrivateBus] = []
+    qemus: list[Qemu] = []
     names = ["pvevmstate-demo-src-%d" % os.getpid(), "pvevmstate-demo-dst-%d" % os.getpid()]
     procs: list[subprocess.Popen[bytes]] = []
     try:
+        buses += [start_bus(tmp / "source-bus"), start_bus(tmp / "destination-bus")]
         for name in names:
             netns.create(name)
         src, dst = Netns(names[0]), Netns(names[1])
         src.load(example_lines(), mark=VMID)
         src.load(synthetic_lines(500, seed=1), mark=VMID)
         src.load(synthetic_lines(200, seed=2, base=30000), mark=101)
-        print("source host: %d entries with mark %d, %d with mark 101"
-              % (len(src.save_lines(VMID)), VMID, len(src.save_lines(101))))
+        say("source host: %d entries with mark %d, %d with mark 101"
+            % (len(src.save_lines(VMID)), VMID, len(src.save_lines(101))))
 
-        for ns, bus in zip((src, dst), buses, strict=True):
-            env = dict(os.environ, PYTHONPATH=str(REPO), DBUS_SYSTEM_BUS_ADDRESS=bus.address)
-            procs.append(subprocess.Popen(helper_command(ns, str(VMID), "--linger", "5"), env=env))
+        uri = "unix:%s" % (tmp / "migrate.sock")
+        qemus.append(start_qemu(tmp, "source-vm100", machine="pc"))
+        qemus.append(start_qemu(tmp, "destination-vm100", machine="pc", incoming=uri, paused=True))
+        say("QEMU started: source %s, destination %s" % (qemus[0].status(), qemus[1].status()))
+
         name = client.vm(VMID)
-        for bus in buses:
-            deadline = time.monotonic() + 15
-            while not on(bus, client.has_owner, name):
-                if time.monotonic() > deadline:
-                    raise SystemExit("a helper did not come up")
-                time.sleep(0.05)
-            owners = on(bus, client.queued_owners)
-            print("queued for org.qemu.VMState1 on %s: %s" % (
-                bus.address, ", ".join("%s (Id %s)" % (o, on(bus, client.get_id, o)) for o in owners)))
+        for ns, bus, qemu in zip((src, dst), buses, qemus, strict=True):
+            env = dict(os.environ, PYTHONPATH=str(REPO), DBUS_SYSTEM_BUS_ADDRESS=bus.address)
+            procs.append(subprocess.Popen(
+                helper_command(ns, str(VMID), "--qmp-socket", str(qemu.qmp_path), "--linger", "30"), env=env))
+            wait(lambda b=bus, q=qemu: client.has_owner(name, address=b.address) and "pve-vmstate" in q.objects(),
+                 "a helper to register")
+        say("both helpers registered; QEMU objects: source %s, destination %s"
+            % (sorted(qemus[0].objects()), sorted(qemus[1].objects())))
 
-        t0 = time.perf_counter()
-        data = on(buses[0], client.save, name)
-        t1 = time.perf_counter()
-        on(buses[1], client.load, name, data)
-        t2 = time.perf_counter()
-        print("Save: %d bytes in %.1f ms; Load in %.1f ms" % (len(data), (t1 - t0) * 1e3, (t2 - t1) * 1e3))
-        print("NumMigratedEntries: source %d, destination %d"
-              % (on(buses[0], client.count, name), on(buses[1], client.count, name)))
-        print("destination host now: %d entries with mark %d, %d with mark 101"
-              % (len(dst.save_lines(VMID)), VMID, len(dst.save_lines(101))))
-        print("first lines on the destination (conntrack -L --mark %d -o save):" % VMID)
+        qemus[0].qmp("migrate-set-parameters", **{"max-bandwidth": 1 << 30})
+        qemus[0].qmp("migrate", uri=uri)
+        wait(lambda: qemus[0].migration().get("status") in ("completed", "failed", "cancelled"), "the migration")
+        info = qemus[0].migration()
+        say("migration %s: total %s ms, downtime %s ms"
+            % (info["status"], info.get("total-time"), info.get("downtime")))
+        if info["status"] != "completed":
+            return 1
+        wait(lambda: qemus[1].status() != "inmigrate", "the destination")
+        qemus[1].qmp("cont")
+        wait(lambda: "pve-vmstate" not in qemus[1].objects(), "the destination helper to remove its object")
+        say("destination VM %s, its QEMU objects now: %s" % (qemus[1].status(), sorted(qemus[1].objects())))
+        say("NumMigratedEntries: source %d, destination %d"
+            % (client.count(name, address=buses[0].address), client.count(name, address=buses[1].address)))
+        for bus in buses:
+            client.quit_helper(name, address=bus.address)
+        for proc in procs:
+            proc.wait(15)
+        say("helpers exited with %s" % [p.returncode for p in procs])
+        say("destination host: %d entries with mark %d, %d with mark 101; first lines:"
+            % (len(dst.save_lines(VMID)), VMID, len(dst.save_lines(101))))
         for line in dst.save_lines(VMID)[:3]:
             print("  " + line)
-        for bus in buses:
-            on(bus, client.quit_helper, name)
-        for proc in procs:
-            print("helper exited with", proc.wait(15))
         return 0
     finally:
         for proc in procs:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+        for qemu in qemus:
+            qemu.stop()
         for name in names:
             if name in netns.listnetns():
                 netns.remove(name)
         for bus in buses:
             bus.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 #!/bin/bash
-# Sets everything up (tests/setup.sh) and runs a demo migration of VM 100's
-# conntrack state between two network namespaces over a private system bus.
+# Sets everything up (tests/setup.sh) and runs a real QEMU live migration of VM 100 with its
+# conntrack state between two network namespaces, each with its own private system bus.
 # Needs root (network namespaces); touches neither the host's bus nor its table.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -1,4 +1,4 @@
-"""Real-component test support: private system bus, namespaces, helper processes.
+"""Real-component test support: private system bus, namespaces, QEMU, helper processes.
 
 Nothing here touches the host's own bus or conntrack table: every bus is a
 private ``dbus-daemon`` of type system, every table lives in a throw-away
@@ -8,17 +8,20 @@ network namespace, and every process is stopped by its PID.
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import random
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -165,6 +168,137 @@ def netns_factory() -> Iterator[object]:
         for name in made:
             netns.remove(name)
 
+# ------------------------------------------------------------------ qemu
+
+
+def kvm_usable() -> bool:
+    try:
+        fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return False
+    os.close(fd)
+    return True
+
+
+class QMPSession:
+    """A blocking QMP client for the tests, independent of the helper's own client."""
+
+    def __init__(self, path: Path, timeout: float = 30) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        self.sock.connect(str(path))
+        self.file = self.sock.makefile("rwb")
+        greeting = json.loads(self.file.readline())
+        assert "QMP" in greeting, greeting
+        self.execute("qmp_capabilities")
+
+    def execute(self, command: str, **arguments: Any) -> Any:
+        message: dict[str, Any] = {"execute": command}
+        if arguments:
+            message["arguments"] = arguments
+        self.file.write(json.dumps(message).encode() + b"\n")
+        self.file.flush()
+        while True:
+            reply = json.loads(self.file.readline())
+            if "event" in reply:
+                continue
+            if "error" in reply:
+                raise QMPFailed("%s: %s" % (command, reply["error"]))
+            return reply["return"]
+
+    def close(self) -> None:
+        self.file.close()
+        self.sock.close()
+
+
+class QMPFailed(Exception):
+    """QEMU answered a test's command with an error."""
+
+
+@dataclass
+class Qemu:
+    """A QEMU process with a QMP socket, stopped by its PID."""
+
+    name: str
+    proc: subprocess.Popen[bytes]
+    qmp_path: Path
+    log: Path
+
+    def qmp(self, command: str, **arguments: Any) -> Any:
+        session = QMPSession(self.qmp_path)
+        try:
+            return session.execute(command, **arguments)
+        finally:
+            session.close()
+
+    def objects(self) -> set[str]:
+        return {o["name"] for o in self.qmp("qom-list", path="/objects")} - {"type"}
+
+    def status(self) -> str:
+        return str(self.qmp("query-status")["status"])
+
+    def migration(self) -> dict[str, Any]:
+        reply: dict[str, Any] = self.qmp("query-migrate")
+        return reply
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+def start_qemu(directory: Path, name: str, *, machine: str = "none", incoming: str | None = None,
+               paused: bool = False) -> Qemu:
+    """Start ``qemu-system-x86_64`` without display or devices.
+
+    ``machine="none"`` is enough for the helper to register; migration tests
+    use ``pc`` with a little RAM, on KVM when /dev/kvm works, else TCG.
+    """
+    exe = shutil.which("qemu-system-x86_64")
+    require(exe is not None, "needs qemu-system-x86 (qemu-system-x86_64)")
+    assert exe is not None
+    directory.mkdir(parents=True, exist_ok=True)
+    qmp_path = directory / ("%s.qmp" % name)
+    log = directory / ("%s.qemu.log" % name)
+    cmd = [exe, "-name", name, "-nodefaults", "-display", "none", "-serial", "none", "-monitor", "none",
+           "-qmp", "unix:%s,server=on,wait=off" % qmp_path]
+    if machine == "none":
+        cmd += ["-machine", "none"]
+    else:
+        cmd += ["-machine", machine, "-m", "64"]
+        cmd += ["-accel", "kvm", "-accel", "tcg"] if kvm_usable() else ["-accel", "tcg"]
+    if incoming:
+        cmd += ["-incoming", incoming]
+    if paused:
+        cmd += ["-S"]
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+    qemu = Qemu(name, proc, qmp_path, log)
+
+    def up() -> bool:
+        if proc.poll() is not None:
+            raise RuntimeError("QEMU %s exited with %s: %s" % (name, proc.returncode, log.read_text()))
+        return qmp_path.exists()
+    wait_until(up, 30, "QEMU %s to open its QMP socket" % name)
+    return qemu
+
+
+@pytest.fixture
+def qemu_factory(tmp_path: Path) -> Iterator[object]:
+    """Start QEMUs for a test; all are killed by PID afterwards."""
+    started: list[Qemu] = []
+
+    def start(name: str, **kwargs: Any) -> Qemu:
+        qemu = start_qemu(tmp_path / "qemu", "%s-%d" % (name, next(_counter)), **kwargs)
+        started.append(qemu)
+        return qemu
+
+    try:
+        yield start
+    finally:
+        for qemu in started:
+            qemu.stop()
+
 
 # ------------------------------------------------------------------ helper
 
@@ -177,6 +311,7 @@ class Helper:
     proc: subprocess.Popen[bytes]
     log: Path
     env: dict[str, str] = field(default_factory=dict)
+    qemu: Qemu | None = None
 
     def journal(self) -> str:
         return self.log.read_text(errors="replace")
@@ -214,17 +349,22 @@ def helper_command(ns: Netns | None, vmid: str, *args: str) -> list[str]:
 
 
 @pytest.fixture
-def helper_factory(tmp_path: Path, system_bus: PrivateBus) -> Iterator[object]:
+def helper_factory(tmp_path: Path, system_bus: PrivateBus, qemu_factory: Any) -> Iterator[object]:
+    """Start helpers; each registers with ``qemu`` or, by default, a QEMU of its own."""
     started: list[Helper] = []
 
-    def start(ns: Netns, vmid: int, *args: str, ready: bool = True, bus: PrivateBus | None = None) -> Helper:
+    def start(ns: Netns, vmid: int, *args: str, ready: bool = True, bus: PrivateBus | None = None,
+              qemu: Qemu | None = None) -> Helper:
+        if qemu is None:
+            qemu = qemu_factory("vm%d" % vmid)
+        assert qemu is not None
         env = dict(os.environ, PYTHONPATH=str(REPO),
                    DBUS_SYSTEM_BUS_ADDRESS=(bus or system_bus).address)
         log = tmp_path / ("helper-%d-%d.log" % (vmid, next(_counter)))
         with log.open("wb") as out:
-            proc = subprocess.Popen(helper_command(ns, str(vmid), *args), env=env,
-                                    stdin=subprocess.DEVNULL, stdout=out, stderr=out)
-        helper = Helper(vmid, proc, log, env)
+            proc = subprocess.Popen(helper_command(ns, str(vmid), "--qmp-socket", str(qemu.qmp_path), *args),
+                                    env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+        helper = Helper(vmid, proc, log, env, qemu)
         started.append(helper)
         if ready:
             helper.wait_ready()

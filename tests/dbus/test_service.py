@@ -4,6 +4,7 @@ with fake domain collaborators: error names, degradation, no leaked internals.""
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -41,12 +42,12 @@ class FakeBackend:
 
 class FakeLifecycle:
     def __init__(self, quit_error: Exception | None = None) -> None:
-        self.done = 0
+        self.done: list[str] = []
         self.quits = 0
         self._quit_error = quit_error
 
-    def work_done(self) -> None:
-        self.done += 1
+    def work_done(self, member: str) -> None:
+        self.done.append(member)
 
     async def quit(self) -> None:
         self.quits += 1
@@ -92,7 +93,7 @@ def test_save_never_fails_on_the_bus(failure: Exception, caplog: pytest.LogCaptu
         assert await helper.num_migrated_entries == 0
 
     serve(FakeBackend(failure, CreateResult()), lifecycle, body)
-    assert lifecycle.done == 1
+    assert lifecycle.done == ["Save"]
     assert "Save failed" in caplog.text
 
 
@@ -105,7 +106,7 @@ def test_load_never_fails_on_the_bus(caplog: pytest.LogCaptureFixture) -> None:
         await vm.load(b"\xff" * 1000)
 
     serve(FakeBackend([], ConntrackError("create failed", 12)), lifecycle, body)
-    assert lifecycle.done == 2
+    assert lifecycle.done == ["Load", "Load"]
     assert "Load failed, answering without state: create failed: ENOMEM" in caplog.text
 
 
@@ -147,3 +148,35 @@ def test_id_is_read_only() -> None:
         assert await vm.id == "pve-vmstate-100"
 
     serve(FakeBackend([], CreateResult()), FakeLifecycle(), body)
+
+
+def test_drained_waits_for_the_reply_of_a_running_save() -> None:
+    release = threading.Event()
+
+    class SlowBackend(FakeBackend):
+        def dump(self, mark: int) -> list[Entry]:
+            release.wait(10)
+            return []
+
+    async def main() -> None:
+        server: SdBus = sd_bus_open_system()
+        caller: SdBus = sd_bus_open_system()
+        service = VMStateService(VMState(100, SlowBackend([], CreateResult())), FakeLifecycle())
+        handle = service.export_to_dbus(VMSTATE_PATH, server)
+        await server.request_name_async("com.proxmox.VMStateHelper.VM100", 0)
+        try:
+            proxy = VMState1Interface.new_proxy("com.proxmox.VMStateHelper.VM100", VMSTATE_PATH, caller)
+            save = asyncio.create_task(proxy.save())
+            await asyncio.sleep(0.2)
+            drained = asyncio.create_task(service.drained())
+            await asyncio.sleep(0.2)
+            assert not drained.done() and not save.done()
+            release.set()
+            assert await save == b"\x00"
+            await asyncio.wait_for(drained, 5)
+        finally:
+            handle.stop()
+            caller.close()
+            server.close()
+
+    asyncio.run(main())

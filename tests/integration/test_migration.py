@@ -1,0 +1,209 @@
+"""Real QEMU live migrations between two "nodes" on one machine.
+
+A node is a private system-type dbus-daemon plus a network namespace with its
+own conntrack table. Each VM has a source QEMU and a destination QEMU started
+with ``-incoming``; a helper for the VM runs on each node, inside the node's
+namespace, on the node's bus, registered with its QEMU. The test then does
+what qemu-server does: ``migrate`` on the source, ``cont`` on the destination,
+read ``NumMigratedEntries`` and call ``Quit`` on both helpers.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pvevmstate.codec import MAX_PAYLOAD
+from tests import client
+from tests.support import (
+    Helper,
+    Netns,
+    PrivateBus,
+    Qemu,
+    start_bus,
+    strip_timeout,
+    synthetic_lines,
+    wait_until,
+)
+
+Factory = Any
+MIGRATION_TIMEOUT = 120
+
+
+@dataclass
+class Node:
+    """One Proxmox host: its system bus and its conntrack table."""
+
+    name: str
+    bus: PrivateBus
+    ns: Netns
+
+
+@pytest.fixture
+def nodes(tmp_path: Path, netns_factory: Factory) -> Any:
+    made: list[PrivateBus] = []
+
+    def make(name: str) -> Node:
+        bus = start_bus(tmp_path / ("bus-" + name))
+        made.append(bus)
+        return Node(name, bus, netns_factory())
+
+    try:
+        yield make("source"), make("target")
+    finally:
+        for bus in made:
+            bus.stop()
+
+
+@dataclass
+class Migration:
+    vmid: int
+    src_qemu: Qemu
+    dst_qemu: Qemu
+    src: Helper
+    dst: Helper
+    uri: str
+
+
+def prepare(vmid: int, nodes: tuple[Node, Node], tmp_path: Path, qemu_factory: Factory,
+            helper_factory: Factory) -> Migration:
+    """Start both QEMUs and both helpers, as qemu-server does before ``migrate``."""
+    source, target = nodes
+    uri = "unix:%s" % (tmp_path / ("migrate-%d.sock" % vmid))
+    src_qemu = qemu_factory("src%d" % vmid, machine="pc")
+    dst_qemu = qemu_factory("dst%d" % vmid, machine="pc", incoming=uri, paused=True)
+    assert dst_qemu.status() == "inmigrate"
+    src = helper_factory(source.ns, vmid, "--linger", "60", bus=source.bus, qemu=src_qemu)
+    dst = helper_factory(target.ns, vmid, "--linger", "60", bus=target.bus, qemu=dst_qemu)
+    return Migration(vmid, src_qemu, dst_qemu, src, dst, uri)
+
+
+def start_migration(m: Migration) -> None:
+    m.src_qemu.qmp("migrate-set-parameters", **{"max-bandwidth": 1 << 30, "downtime-limit": 1000})
+    m.src_qemu.qmp("migrate", uri=m.uri)
+
+
+def wait_migration(m: Migration) -> str:
+    done = {"completed", "failed", "cancelled"}
+    wait_until(lambda: m.src_qemu.migration().get("status") in done, MIGRATION_TIMEOUT,
+               "migration of VM %d" % m.vmid, interval=0.1)
+    return str(m.src_qemu.migration()["status"])
+
+
+def finish(m: Migration, source: Node, target: Node) -> tuple[int, int]:
+    """After a completed migration: resume the target, then read the counts and Quit, like qemu-server."""
+    wait_until(lambda: m.dst_qemu.status() != "inmigrate", 30, "destination to leave inmigrate")
+    m.dst_qemu.qmp("cont")
+    assert m.dst_qemu.status() == "running"
+    # The destination helper removes its object once QEMU has left inmigrate.
+    wait_until(lambda: "pve-vmstate" not in m.dst_qemu.objects(), 30, "object removal on the destination")
+    counts = (client.count(client.vm(m.vmid), address=source.bus.address),
+              client.count(client.vm(m.vmid), address=target.bus.address))
+    client.quit_helper(client.vm(m.vmid), address=source.bus.address)
+    client.quit_helper(client.vm(m.vmid), address=target.bus.address)
+    assert m.src.wait_exit() == 0, m.src.journal()
+    assert m.dst.wait_exit() == 0, m.dst.journal()
+    for node in (source, target):
+        assert not client.has_owner(client.vm(m.vmid), address=node.bus.address)
+    return counts
+
+
+def marked(node: Node, vmid: int) -> list[str]:
+    return sorted(strip_timeout(ln) for ln in node.ns.save_lines(vmid))
+
+
+def test_migration_carries_exactly_the_vms_entries(nodes: Any, tmp_path: Path, qemu_factory: Factory,
+                                                   helper_factory: Factory) -> None:
+    source, target = nodes
+    source.ns.load(synthetic_lines(400, seed=21), mark=100)
+    source.ns.load(synthetic_lines(150, seed=22, base=30000), mark=200)
+    source.ns.load(synthetic_lines(50, seed=23, base=40000))
+    expected = marked(source, 100)
+    m = prepare(100, nodes, tmp_path, qemu_factory, helper_factory)
+    start_migration(m)
+    assert wait_migration(m) == "completed"
+    sent, created = finish(m, source, target)
+    assert marked(target, 100) == expected
+    assert target.ns.save_lines() == target.ns.save_lines(100)  # nothing of other marks
+    assert sent == created == len(expected) == 400
+    assert "Save: 400 entries with mark 100, sent 400" in m.src.journal()
+    assert "created 400 entries with mark 100" in m.dst.journal()
+
+
+def test_empty_table_migrates_with_one_byte(nodes: Any, tmp_path: Path, qemu_factory: Factory,
+                                            helper_factory: Factory) -> None:
+    source, target = nodes
+    source.ns.load(synthetic_lines(20, seed=24), mark=200)
+    m = prepare(100, nodes, tmp_path, qemu_factory, helper_factory)
+    start_migration(m)
+    assert wait_migration(m) == "completed"
+    assert finish(m, source, target) == (0, 0)
+    assert "in 1 bytes" in m.src.journal()
+    assert target.ns.save_lines() == []
+
+
+def test_table_over_one_mib_migrates(nodes: Any, tmp_path: Path, qemu_factory: Factory,
+                                     helper_factory: Factory) -> None:
+    source, target = nodes
+    source.ns.load(synthetic_lines(9000, seed=25), mark=100)
+    m = prepare(100, nodes, tmp_path, qemu_factory, helper_factory)
+    start_migration(m)
+    assert wait_migration(m) == "completed"
+    sent, created = finish(m, source, target)
+    assert 0 < sent < 9000 and created == sent
+    moved = marked(target, 100)
+    assert len(moved) == sent and set(moved) <= set(marked(source, 100))
+    assert "left out %d" % (9000 - sent) in m.src.journal()
+    assert "limit %d" % MAX_PAYLOAD in m.src.journal()
+
+
+def test_two_vms_migrate_at_once_over_the_same_buses(nodes: Any, tmp_path: Path, qemu_factory: Factory,
+                                                     helper_factory: Factory) -> None:
+    source, target = nodes
+    source.ns.load(synthetic_lines(300, seed=26), mark=100)
+    source.ns.load(synthetic_lines(200, seed=27, base=30000), mark=101)
+    expected = {vmid: marked(source, vmid) for vmid in (100, 101)}
+    ms = [prepare(vmid, nodes, tmp_path, qemu_factory, helper_factory) for vmid in (100, 101)]
+    for m in ms:
+        start_migration(m)
+    for m in ms:
+        assert wait_migration(m) == "completed"
+    for m in ms:
+        assert finish(m, source, target) == (len(expected[m.vmid]),) * 2
+        assert marked(target, m.vmid) == expected[m.vmid]
+    assert len(target.ns.save_lines()) == 500
+
+
+def test_failed_migration_after_save_leaves_no_object_on_the_source(nodes: Any, tmp_path: Path,
+                                                                    qemu_factory: Factory,
+                                                                    helper_factory: Factory) -> None:
+    # With return-path the source completes only once the destination has
+    # loaded everything. The destination's helper is frozen, so the
+    # destination QEMU waits in Load; the test kills it there, after Save.
+    source = nodes[0]
+    source.ns.load(synthetic_lines(100, seed=28), mark=100)
+    m = prepare(100, nodes, tmp_path, qemu_factory, helper_factory)
+    for qemu in (m.src_qemu, m.dst_qemu):
+        qemu.qmp("migrate-set-capabilities", capabilities=[{"capability": "return-path", "state": True}])
+    os.kill(m.dst.proc.pid, signal.SIGSTOP)
+    try:
+        start_migration(m)
+        wait_until(lambda: "Save: 100 entries" in m.src.journal(), MIGRATION_TIMEOUT, "Save on the source")
+        m.dst_qemu.stop()
+    finally:
+        os.kill(m.dst.proc.pid, signal.SIGCONT)
+    assert wait_migration(m) == "failed"
+    # The source VM runs on, without the object, and its helper is gone.
+    assert m.src.wait_exit(30) == 0, m.src.journal()
+    assert "pve-vmstate" not in m.src_qemu.objects()
+    assert m.src_qemu.status() == "running"
+    assert "outgoing migration failed after Save" in m.src.journal()
+    assert "exiting: migration failed" in m.src.journal()
+    assert not client.has_owner(client.vm(100), address=source.bus.address)
+    # Its entries are still in the source table, as they were.
+    assert len(source.ns.save_lines(100)) == 100

@@ -1,0 +1,135 @@
+"""Registration with a real QEMU over QMP, and the object's removal."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from tests import client
+from tests.support import PrivateBus, Qemu, helper_command, wait_until
+
+VMID = 100
+Factory = Any
+
+
+def object_props(qemu: Qemu) -> tuple[str, str]:
+    return (qemu.qmp("qom-get", path="/objects/pve-vmstate", property="addr"),
+            qemu.qmp("qom-get", path="/objects/pve-vmstate", property="id-list"))
+
+
+def test_ready_only_once_qemu_has_the_object(netns_factory: Factory, helper_factory: Factory,
+                                             qemu_factory: Factory, system_bus: PrivateBus) -> None:
+    qemu = qemu_factory("vm")
+    helper = helper_factory(netns_factory(), VMID, qemu=qemu)
+    # The object names this helper's Id and the bus the helper is on.
+    assert object_props(qemu) == (system_bus.address, "pve-vmstate-100")
+    journal = helper.journal()
+    assert journal.index("ready:") > 0 and "QEMU %s" % qemu.qmp_path in journal
+
+
+def test_left_over_object_is_replaced(netns_factory: Factory, helper_factory: Factory,
+                                      qemu_factory: Factory, system_bus: PrivateBus) -> None:
+    qemu = qemu_factory("vm")
+    qemu.qmp("object-add", **{"qom-type": "dbus-vmstate", "id": "pve-vmstate", "addr": system_bus.address,
+                              "id-list": "pve-vmstate-999"})
+    helper = helper_factory(netns_factory(), VMID, qemu=qemu)
+    assert object_props(qemu) == (system_bus.address, "pve-vmstate-100")
+    assert "<4>replaced a left-over dbus-vmstate object" in helper.journal()
+
+
+def run_failing(ns: Any, qmp: Path, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(helper_command(ns, str(VMID), "--qmp-socket", str(qmp), *args),
+                          capture_output=True, timeout=timeout, check=False)
+
+
+def assert_nothing_left(proc: subprocess.CompletedProcess[bytes], why: str) -> None:
+    err = proc.stderr.decode()
+    assert proc.returncode == 1, err
+    errors = [ln for ln in err.splitlines() if ln.startswith("<3>")]
+    assert len(errors) == 1 and why in errors[0], err
+    assert not client.has_owner(client.vm(VMID))
+    assert not any(client.get_id(o) == "pve-vmstate-100" for o in client.queued_owners())
+
+
+def test_no_qemu_exits_1_and_leaves_nothing(netns_factory: Factory, system_bus: PrivateBus,
+                                            tmp_path: Path) -> None:
+    proc = run_failing(netns_factory(), tmp_path / "100.qmp")
+    assert_nothing_left(proc, "cannot register with the QEMU of VM 100: cannot connect to")
+
+
+def test_silent_monitor_times_out(netns_factory: Factory, system_bus: PrivateBus, tmp_path: Path) -> None:
+    # A monitor that accepts and never greets: what a hung QEMU looks like.
+    path = tmp_path / "100.qmp"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        listener.bind(str(path))
+        listener.listen(4)
+        proc = run_failing(netns_factory(), path, "--qmp-timeout", "0.5")
+    finally:
+        listener.close()
+    assert_nothing_left(proc, "no answer to the greeting")
+
+
+def test_refused_object_exits_1_and_keeps_the_other_object(netns_factory: Factory, system_bus: PrivateBus,
+                                                           qemu_factory: Factory) -> None:
+    # Only one dbus-vmstate object may exist; somebody else's is not ours to remove.
+    qemu = qemu_factory("vm")
+    qemu.qmp("object-add", **{"qom-type": "dbus-vmstate", "id": "other", "addr": system_bus.address,
+                              "id-list": "other"})
+    proc = run_failing(netns_factory(), qemu.qmp_path)
+    assert_nothing_left(proc, "There is already an instance of dbus-vmstate")
+    assert qemu.objects() == {"other"}
+
+
+def test_quit_removes_the_object(netns_factory: Factory, helper_factory: Factory, qemu_factory: Factory) -> None:
+    qemu = qemu_factory("vm")
+    helper = helper_factory(netns_factory(), VMID, qemu=qemu)
+    client.quit_helper(client.vm(VMID))
+    assert helper.wait_exit() == 0
+    assert "pve-vmstate" not in qemu.objects()
+    assert "removed the dbus-vmstate object from QEMU" in helper.journal()
+
+
+def test_sigterm_removes_the_object(netns_factory: Factory, helper_factory: Factory, qemu_factory: Factory) -> None:
+    qemu = qemu_factory("vm")
+    helper = helper_factory(netns_factory(), VMID, qemu=qemu)
+    helper.signal(signal.SIGTERM)
+    assert helper.wait_exit() == 0
+    assert "pve-vmstate" not in qemu.objects()
+
+
+def test_quit_after_qemu_is_gone(netns_factory: Factory, helper_factory: Factory, qemu_factory: Factory) -> None:
+    qemu = qemu_factory("vm")
+    helper = helper_factory(netns_factory(), VMID, qemu=qemu)
+    qemu.stop()
+    client.quit_helper(client.vm(VMID))
+    assert helper.wait_exit() == 0
+    assert "could not remove the dbus-vmstate object" in helper.journal()
+
+
+def test_replaced_helper_leaves_the_object_to_its_successor(netns_factory: Factory, helper_factory: Factory,
+                                                            qemu_factory: Factory) -> None:
+    ns, qemu = netns_factory(), qemu_factory("vm")
+    first = helper_factory(ns, VMID, qemu=qemu)
+    second = helper_factory(ns, VMID, qemu=qemu)
+    assert first.wait_exit() == 0
+    assert "pve-vmstate" in qemu.objects()
+    assert "removed the dbus-vmstate object" not in first.journal()
+    # The successor registered after the first had left and owns the object now.
+    client.quit_helper(client.vm(VMID))
+    assert second.wait_exit() == 0
+    assert "pve-vmstate" not in qemu.objects()
+
+
+def test_load_on_a_running_vm_removes_the_object(netns_factory: Factory, helper_factory: Factory,
+                                                 qemu_factory: Factory) -> None:
+    # Load outside an incoming migration: QEMU is not in inmigrate, so the
+    # object has nothing left to serve and goes at once.
+    qemu = qemu_factory("vm")
+    helper = helper_factory(netns_factory(), VMID, qemu=qemu)
+    client.load(client.vm(VMID), b"\x00")
+    wait_until(lambda: "pve-vmstate" not in qemu.objects(), 10, "object removal")
+    assert "incoming migration finished, VM is running" in helper.journal()
