@@ -79,8 +79,8 @@ def main() -> int:
             env = dict(os.environ, PYTHONPATH=str(REPO), DBUS_SYSTEM_BUS_ADDRESS=bus.address)
             procs.append(subprocess.Popen(
                 helper_command(ns, str(VMID), "--qmp-socket", str(qemu.qmp_path), "--linger", "30"), env=env))
-            wait(lambda b=bus, q=qemu: client.has_owner(name, address=b.address) and "pve-vmstate" in q.objects(),
-                 "a helper to register")
+            wait(lambda: all(client.has_owner(name, address=b.address) for b in buses[:len(procs)])
+                 and all("pve-vmstate" in q.objects() for q in qemus[:len(procs)]), "a helper to register")
         say("both helpers registered; QEMU objects: source %s, destination %s"
             % (sorted(qemus[0].objects()), sorted(qemus[1].objects())))
 
