@@ -119,6 +119,55 @@ def start_bus(directory: Path, extra_config: str = "") -> PrivateBus:
     return PrivateBus(directory, line, proc)
 
 
+POLICY = REPO / "dbus" / "com.proxmox.VMStateHelper.conf"
+SYSTEM_CONF = Path("/usr/share/dbus-1/system.conf")
+
+
+def start_policy_bus(directory: Path, policy: Path = POLICY, strict: bool = False) -> PrivateBus:
+    """Start ``dbus-daemon`` with the machine's own system.conf, including ``policy``
+    the way the system bus includes /usr/share/dbus-1/system.d.
+
+    Only the parts that would touch the host are changed: the socket (in a
+    directory everyone may enter, for the non-root clients), no user switch,
+    no fork or pid file, and only ``policy`` in the include directory.
+    dbus-daemon skips a file in an include directory that it cannot parse,
+    with a warning; ``strict`` includes ``policy`` with ``<include>`` instead,
+    which makes such a file fatal. Either way a warning about the file fails.
+    """
+    require(SYSTEM_CONF.exists(), "needs %s (package dbus-daemon)" % SYSTEM_CONF)
+    directory.mkdir(parents=True, exist_ok=True)
+    directory.chmod(0o755)
+    includes = directory / "system.d"
+    includes.mkdir(exist_ok=True)
+    shutil.copy(policy, includes / policy.name)
+    sock = directory / "system_bus_socket"
+    conf = SYSTEM_CONF.read_text()
+    conf = re.sub(r"<listen>.*?</listen>", "<listen>unix:path=%s</listen>" % sock, conf)
+    conf = re.sub(r"<user>.*?</user>|<fork/>|<pidfile>.*?</pidfile>", "", conf)
+    conf = re.sub(r"<include [^>]*>/etc/dbus-1/[^<]*</include>", "", conf)
+    conf = re.sub(r"<includedir>[^<]*</includedir>", "", conf)
+    include = ("<include>%s</include>" % (includes / policy.name) if strict
+               else "<includedir>%s</includedir>" % includes)
+    conf = conf.replace("</busconfig>", include + "\n</busconfig>")
+    (directory / "system.conf").write_text(conf)
+    log = directory / "dbus-daemon.log"
+    with log.open("wb") as err:
+        proc = subprocess.Popen(
+            ["dbus-daemon", "--config-file=%s" % (directory / "system.conf"), "--nofork", "--nopidfile",
+             "--print-address=1"], stdout=subprocess.PIPE, stderr=err)
+    assert proc.stdout is not None
+    line = proc.stdout.readline().decode().strip()
+    problem = ("refused the configuration" if not line
+               else "skipped the policy" if policy.name in log.read_text() else "")
+    if problem:
+        bus = PrivateBus(directory, line, proc)
+        bus.stop()
+        raise RuntimeError("dbus-daemon %s: %s" % (problem, log.read_text().strip()))
+    # Everyone may connect; the policy decides what they may do.
+    sock.chmod(0o777)
+    return PrivateBus(directory, line, proc)
+
+
 # ------------------------------------------------------------------ netns
 
 

@@ -1,7 +1,8 @@
 """Real QEMU live migrations between two "nodes" on one machine.
 
-A node is a private system-type dbus-daemon plus a network namespace with its
-own conntrack table. Each VM has a source QEMU and a destination QEMU started
+A node is a private dbus-daemon run with the machine's own system.conf and the
+shipped policy (as on a real host), plus a network namespace with its own
+conntrack table. Each VM has a source QEMU and a destination QEMU started
 with ``-incoming``; a helper for the VM runs on each node, inside the node's
 namespace, on the node's bus, registered with its QEMU. The test then does
 what qemu-server does: ``migrate`` on the source, ``cont`` on the destination,
@@ -25,7 +26,7 @@ from tests.support import (
     Netns,
     PrivateBus,
     Qemu,
-    start_bus,
+    start_policy_bus,
     strip_timeout,
     synthetic_lines,
     wait_until,
@@ -49,7 +50,7 @@ def nodes(tmp_path: Path, netns_factory: Factory) -> Any:
     made: list[PrivateBus] = []
 
     def make(name: str) -> Node:
-        bus = start_bus(tmp_path / ("bus-" + name))
+        bus = start_policy_bus(tmp_path / ("bus-" + name))
         made.append(bus)
         return Node(name, bus, netns_factory())
 
