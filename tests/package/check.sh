@@ -1,0 +1,129 @@
+#!/bin/bash
+# Builds the Debian package in a Debian trixie (Proxmox VE 9) root and checks it
+# there: dpkg-buildpackage with debhelper/dh-python/pybuild, lintian, install
+# with trixie's python3-sdbus and python3-pyroute2, switching from qemu-server's
+# unit and back (dpkg diversion), systemd-analyze verify and security (exposure
+# <= 2.5), and trixie's dbus-daemon accepting the installed policy file.
+#
+#   TRIXIE_ROOT=DIR   where the trixie root lives (made with debootstrap if missing,
+#                     reused afterwards; default /var/tmp/pvevmstate-trixie)
+#   OUT=DIR           where the built .deb and lintian's output go (default ./build-deb)
+# Needs root (debootstrap, chroot). Touches nothing of the host but those two dirs.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+src=$PWD
+root=${TRIXIE_ROOT:-/var/tmp/pvevmstate-trixie}
+out=${OUT:-$src/build-deb}
+mirror=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
+build_deps=(debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools
+            python3-pytest python3-sdbus python3-pyroute2 dbus-daemon lintian dpkg-dev fakeroot
+            systemd git build-essential)
+
+step() { printf '\n=== %s\n' "$*" >&2; }
+
+if ! command -v debootstrap >/dev/null; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap >/dev/null
+fi
+if [ ! -x "$root/usr/bin/apt-get" ]; then
+    step "debootstrap trixie into $root"
+    rm -rf "$root"
+    debootstrap --variant=minbase trixie "$root" "$mirror" >/dev/null
+fi
+
+mounts=()
+cleanup() {
+    for ((i=${#mounts[@]}-1; i>=0; i--)); do umount -l "${mounts[i]}" 2>/dev/null || true; done
+}
+trap cleanup EXIT
+for m in proc sys dev dev/pts; do
+    mount --bind "/$m" "$root/$m"
+    mounts+=("$root/$m")
+done
+in_root() { chroot "$root" env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8 "$@"; }
+
+if [ "$(cat "$root/.pvevmstate-deps" 2>/dev/null)" != "${build_deps[*]}" ]; then
+    step "install build dependencies in trixie"
+    in_root apt-get update -qq
+    in_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${build_deps[@]}" >/dev/null
+    echo "${build_deps[*]}" > "$root/.pvevmstate-deps"
+fi
+
+step "copy the source tree (git ls-files) into the trixie root"
+rm -rf "$root/build"
+mkdir -p "$root/build/pve-dbus-vmstate"
+git ls-files -z --cached --others --exclude-standard | grep -zv '^build-deb/' \
+    | xargs -0 cp --parents -t "$root/build/pve-dbus-vmstate"
+
+step "dpkg-buildpackage -us -uc -b"
+in_root sh -c 'cd /build/pve-dbus-vmstate && dpkg-buildpackage -us -uc -b' > "$root/build/build.log" 2>&1 || {
+    tail -50 "$root/build/build.log"; exit 1; }
+deb=$(cd "$root/build" && ls pve-dbus-vmstate_*_all.deb)
+mkdir -p "$out"
+cp "$root/build/$deb" "$root/build/build.log" "$out/"
+echo "built $deb" >&2
+in_root dpkg-deb -c "/build/$deb" | awk '{print $1, $6}' >&2
+
+step "lintian (must report no error and no warning)"
+in_root sh -c 'cd /build && lintian --info --display-info --fail-on error,warning pve-dbus-vmstate_*.changes' \
+    | tee "$out/lintian.txt" >&2
+
+step "switch from qemu-server's unit (stand-in package) to this one and back"
+# A stand-in for qemu-server: a package owning the Perl helper's unit file.
+standin=$root/build/standin
+mkdir -p "$standin/DEBIAN" "$standin/usr/lib/systemd/system"
+printf 'Package: qemu-server-standin\nVersion: 1\nArchitecture: all\nMaintainer: test <test@example.org>\nDescription: owns the Perl helper unit\n' \
+    > "$standin/DEBIAN/control"
+printf '[Service]\nExecStart=/usr/libexec/qemu-server/dbus-vmstate %%i\n' \
+    > "$standin/usr/lib/systemd/system/pve-dbus-vmstate@.service"
+in_root dpkg-deb -b /build/standin /build/standin.deb >/dev/null
+unit=/usr/lib/systemd/system/pve-dbus-vmstate@.service
+in_root dpkg -i /build/standin.deb >/dev/null
+in_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "/build/$deb" >/dev/null
+grep -q '^ExecStart=/usr/libexec/pve-dbus-vmstate %i' "$root$unit"
+grep -q 'qemu-server/dbus-vmstate' "$root$unit.perl-helper"
+echo "installed: the unit runs /usr/libexec/pve-dbus-vmstate; qemu-server's is diverted" >&2
+in_root dpkg -r pve-dbus-vmstate >/dev/null
+grep -q 'qemu-server/dbus-vmstate' "$root$unit"
+[ ! -e "$root$unit.perl-helper" ]
+! in_root dpkg-divert --list | grep -q pve-dbus-vmstate
+echo "removed: qemu-server's unit is back, no diversion left" >&2
+in_root dpkg -r qemu-server-standin >/dev/null
+in_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "/build/$deb" >/dev/null
+in_root dpkg -s python3-sdbus python3-pyroute2 | grep -E '^(Package|Version)' >&2
+
+step "the installed helper runs with trixie's python3-sdbus and python3-pyroute2"
+in_root /usr/libexec/pve-dbus-vmstate --version
+in_root python3 -c 'import sdbus, pyroute2, pvevmstate.daemon; print("pyroute2", pyroute2.__version__)'
+set +e
+in_root /usr/libexec/pve-dbus-vmstate 12 2> "$root/build/badvmid.err"; rc=$?
+set -e
+cat "$root/build/badvmid.err" >&2
+[ "$rc" = 2 ] && [ "$(wc -l < "$root/build/badvmid.err")" = 1 ] && grep -q '^<3>' "$root/build/badvmid.err"
+
+step "systemd-analyze verify (must print nothing)"
+in_root systemd-analyze verify "$unit" pve-dbus-vmstate@100.service 2>&1 | tee "$root/build/verify.txt" >&2
+[ ! -s "$root/build/verify.txt" ]
+
+step "systemd-analyze security --offline=true (exposure must be <= 2.5)"
+# Instances inherit the template's settings; analyze the one qemu-server starts.
+cp "$src/systemd/pve-dbus-vmstate@.service" "$root/build/pve-dbus-vmstate@100.service"
+in_root systemd-analyze security --offline=true --no-pager /build/pve-dbus-vmstate@100.service \
+    > "$root/build/security.txt" 2>&1 || true
+tail -1 "$root/build/security.txt" >&2
+cp "$root/build/security.txt" "$out/"
+level=$(sed -n 's/.*Overall exposure level for .*: \([0-9.]*\).*/\1/p' "$root/build/security.txt")
+awk -v l="$level" 'BEGIN { exit !(l != "" && l <= 2.5) }'
+
+step "trixie's dbus-daemon accepts the installed policy as part of its system.conf"
+sed -e 's|<listen>.*</listen>|<listen>unix:path=/build/policy-bus</listen>|' \
+    -e '/<user>/d' -e '/<fork\/>/d' -e '/<pidfile>/d' \
+    "$root/usr/share/dbus-1/system.conf" > "$root/build/system.conf"
+in_root timeout 10 dbus-daemon --config-file=/build/system.conf --nofork --print-address=1 \
+    > "$root/build/bus.out" 2>&1 &
+for _ in $(seq 50); do grep -q unix: "$root/build/bus.out" && break; sleep 0.1; done
+grep -q unix: "$root/build/bus.out" || { cat "$root/build/bus.out"; exit 1; }
+kill %1 2>/dev/null || true
+wait || true
+echo "dbus-daemon started with /usr/share/dbus-1/system.d/com.proxmox.VMStateHelper.conf" >&2
+
+step "package checks passed: $out/$deb"
