@@ -1,7 +1,11 @@
 #!/bin/bash
-# The whole test suite: sets everything up (tests/setup.sh), then lint, types
-# and pytest (unit, private-bus and namespace tests; root needed for the
-# latter). Extra arguments go to pytest. LINT=0 skips ruff and mypy.
+# The whole test suite: sets everything up (tests/setup.sh), then lint, types,
+# pytest (unit, private-bus, namespace and QEMU tests; root needed for the
+# latter), then the Debian package checks in a Debian trixie root
+# (tests/package/check.sh: build, lintian, install, systemd-analyze; then
+# tests/package/boot.sh: the unit under trixie's systemd in a container).
+# Extra arguments go to pytest. LINT=0 skips ruff and mypy, PACKAGE=0 the
+# package checks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tests/setup.sh
@@ -10,4 +14,8 @@ if [ "${LINT:-1}" = 1 ]; then
     "$venv/bin/ruff" check pvevmstate tests
     "$venv/bin/mypy"
 fi
-exec "$venv/bin/python" -m pytest "$@"
+"$venv/bin/python" -m pytest "$@"
+if [ "${PACKAGE:-1}" = 1 ]; then
+    bash tests/package/check.sh
+    bash tests/package/boot.sh
+fi

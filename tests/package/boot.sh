@@ -1,0 +1,129 @@
+#!/bin/bash
+# Boots the trixie root that check.sh prepared (with the package installed) as
+# a systemd-nspawn container with its own network namespace, and checks the
+# unit for real under trixie's systemd, D-Bus and QEMU:
+#   - `systemctl start pve-dbus-vmstate@100` returns only once QEMU has the object;
+#   - Save works under the unit's hardening; journal priorities are right;
+#   - nobody is refused by the real system bus with the installed policy;
+#   - Quit and `systemctl stop` remove the QEMU object;
+#   - a start without QEMU and a bad VMID fail with one error line, and the
+#     failed instance does not keep the VM's scope loaded (CollectMode).
+# Needs root and systemd-nspawn (package systemd-container).
+set -euo pipefail
+root=${TRIXIE_ROOT:-/var/tmp/pvevmstate-trixie}
+machine=pvevmstate-$$
+
+if ! command -v systemd-nspawn >/dev/null; then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends systemd-container >/dev/null
+fi
+chroot "$root" dpkg -s pve-dbus-vmstate qemu-system-x86 dbus systemd-sysv conntrack >/dev/null 2>&1 || {
+    mount --bind /proc "$root/proc"
+    chroot "$root" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        qemu-system-x86 dbus systemd-sysv conntrack >/dev/null
+    umount "$root/proc"
+}
+
+log=$(mktemp)
+# trixie's systemd needs the unified cgroup hierarchy.
+SYSTEMD_NSPAWN_UNIFIED_HIERARCHY=1 systemd-nspawn -D "$root" --boot --register=no --keep-unit \
+    --private-network --machine="$machine" > "$log" 2>&1 &
+nspawn=$!
+leader=""
+stop_container() {
+    if [ -n "$leader" ]; then kill -s SIGRTMIN+4 "$leader" 2>/dev/null || true; fi
+    for _ in $(seq 100); do kill -0 "$nspawn" 2>/dev/null || break; sleep 0.1; done
+    kill -9 "$nspawn" 2>/dev/null || true
+    wait "$nspawn" 2>/dev/null || true
+    rm -f "$log"
+}
+trap stop_container EXIT
+for _ in $(seq 100); do leader=$(pgrep -P "$nspawn" | head -1 || true); [ -n "$leader" ] && break; sleep 0.1; done
+[ -n "$leader" ] || { cat "$log"; exit 1; }
+ct() { nsenter -t "$leader" -a -- env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin "$@"; }
+for _ in $(seq 300); do
+    state=$(ct systemctl is-system-running 2>/dev/null || true)
+    case $state in running|degraded) break ;; esac
+    sleep 0.1
+done
+echo "container $machine: systemd $(ct systemctl --version | head -1 | cut -d' ' -f2) is $state" >&2
+
+fail() { echo "FAILED: $*" >&2; exit 1; }
+journal() {  # priority and message of the unit's lines from the helper itself
+    ct journalctl -b -u "$1" -o json --no-pager | python3 -c '
+import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("SYSLOG_IDENTIFIER") == "pve-dbus-vmstate":
+        print(m.get("PRIORITY"), m.get("MESSAGE"))'
+}
+objects() {  # the QEMU objects of VM $1, over its QMP socket
+    ct python3 -c '
+import json, socket, sys
+s = socket.socket(socket.AF_UNIX); s.connect("/run/qemu-server/%s.qmp" % sys.argv[1]); f = s.makefile("rwb")
+f.readline()
+for cmd in ({"execute": "qmp_capabilities"}, {"execute": "qom-list", "arguments": {"path": "/objects"}}):
+    f.write(json.dumps(cmd).encode() + b"\n"); f.flush(); reply = json.loads(f.readline())
+print(" ".join(sorted(o["name"] for o in reply.get("return", []))))' "$1"
+}
+
+ct mkdir -p /run/qemu-server
+ct systemd-run --quiet --unit=qemu-vm100 --slice=qemu qemu-system-x86_64 -machine none -nodefaults \
+    -display none -qmp unix:/run/qemu-server/100.qmp,server=on,wait=off
+for _ in $(seq 100); do ct test -S /run/qemu-server/100.qmp && break; sleep 0.1; done
+
+echo "--- systemctl start pve-dbus-vmstate@100" >&2
+ct systemctl start pve-dbus-vmstate@100 || fail "start"
+# Returning means ready, and ready means QEMU has the object.
+objects 100 | grep -qw pve-vmstate || fail "no pve-vmstate object after start returned"
+[ "$(ct systemctl show -P Slice pve-dbus-vmstate@100)" = qemu.slice ] || fail "slice"
+journal pve-dbus-vmstate@100 | grep -q '^6 helper for VM 100 ready: ' || fail "ready line at priority 6"
+
+echo "--- Save under the unit's hardening; nobody refused by the installed policy" >&2
+printf -- '-A -t 600 -s 10.0.0.%d -d 192.0.2.1 -p tcp --sport 4000 --dport 443 --state ESTABLISHED -u ASSURED --mark 100\n' \
+    1 2 3 | ct conntrack --load-file -
+ct busctl call com.proxmox.VMStateHelper.VM100 /org/qemu/VMState1 org.qemu.VMState1 Save >/dev/null || fail "Save"
+journal pve-dbus-vmstate@100 | grep -q '^6 Save: 3 entries with mark 100, sent 3' || fail "Save line"
+for call in "org.qemu.VMState1 Save" "com.proxmox.VMStateHelper Quit"; do
+    # shellcheck disable=SC2086
+    out=$(ct setpriv --reuid=nobody --regid=nogroup --clear-groups busctl call \
+        com.proxmox.VMStateHelper.VM100 /org/qemu/VMState1 $call 2>&1) && fail "nobody may call $call"
+    echo "$out" | grep -q "Access denied" || fail "nobody: $out"
+done
+ct busctl call com.proxmox.VMStateHelper.VM100 /org/qemu/VMState1 org.qemu.VMState1 Load ay 3 0x2d 0x46 0x0a \
+    || fail "Load"
+journal pve-dbus-vmstate@100 | grep -q '^4 Load: line 1 refused' || fail "refused line at priority 4"
+
+echo "--- Quit ends the helper and removes the object" >&2
+ct busctl call com.proxmox.VMStateHelper.VM100 /org/qemu/VMState1 com.proxmox.VMStateHelper Quit
+for _ in $(seq 100); do ct systemctl is-active -q pve-dbus-vmstate@100 || break; sleep 0.1; done
+ct systemctl is-active -q pve-dbus-vmstate@100 && fail "still active after Quit"
+objects 100 | grep -qw pve-vmstate && fail "object left after Quit"
+journal pve-dbus-vmstate@100 | grep -q '^6 helper for VM 100 exiting: Quit called' || fail "exit line"
+
+echo "--- started through systemd's StartUnit over D-Bus (the activation path)" >&2
+ct busctl call org.freedesktop.systemd1 /org/freedesktop/systemd1 org.freedesktop.systemd1.Manager \
+    StartUnit ss pve-dbus-vmstate@100.service replace >/dev/null || fail "StartUnit"
+for _ in $(seq 100); do ct systemctl is-active -q pve-dbus-vmstate@100 && break; sleep 0.1; done
+objects 100 | grep -qw pve-vmstate || fail "no object after StartUnit"
+ct test -f "$(ct systemctl show -P Documentation pve-dbus-vmstate@100 | sed 's|^file://||')" || fail "Documentation="
+
+echo "--- systemctl stop removes the object" >&2
+ct systemctl stop pve-dbus-vmstate@100
+objects 100 | grep -qw pve-vmstate && fail "object left after systemctl stop"
+
+echo "--- no QEMU: the start fails, one error line, nothing holds the VM's scope" >&2
+ct systemctl start pve-dbus-vmstate@101 2>/dev/null && fail "start without QEMU succeeded"
+[ "$(journal pve-dbus-vmstate@101 | grep -c '^3 ')" = 1 ] || fail "one error line"
+journal pve-dbus-vmstate@101 | grep -q '^3 cannot register with the QEMU of VM 101' || fail "error line"
+[ -z "$(ct systemctl list-units --all --no-legend pve-dbus-vmstate@101.service 101.scope)" ] \
+    || fail "failed instance still loaded, holding 101.scope"
+ct systemd-run --quiet --scope --unit=101 --slice=qemu true || fail "scope 101 blocked"
+
+echo "--- bad VMID: exit 2, one error line" >&2
+ct systemctl start pve-dbus-vmstate@12 2>/dev/null && fail "bad VMID started"
+journal pve-dbus-vmstate@12 | grep -q "^3 pve-dbus-vmstate: argument VMID: invalid VMID '12'" || fail "bad VMID line"
+[ "$(journal pve-dbus-vmstate@12 | wc -l)" = 1 ] || fail "one line for a bad VMID"
+ct journalctl -b -u pve-dbus-vmstate@12 --no-pager | grep -q 'status=2/INVALIDARGUMENT' || fail "exit status 2"
+
+echo "unit checks passed under systemd in a booted trixie container" >&2
