@@ -17,12 +17,8 @@ if ! command -v systemd-nspawn >/dev/null; then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends systemd-container >/dev/null
 fi
-chroot "$root" dpkg -s pve-dbus-vmstate qemu-system-x86 dbus systemd-sysv conntrack >/dev/null 2>&1 || {
-    mount --bind /proc "$root/proc"
-    chroot "$root" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-        qemu-system-x86 dbus systemd-sysv conntrack >/dev/null
-    umount "$root/proc"
-}
+chroot "$root" dpkg -s pve-dbus-vmstate qemu-system-x86 dbus systemd-sysv conntrack >/dev/null 2>&1 \
+    || { echo "run tests/package/check.sh first: it prepares $root" >&2; exit 1; }
 
 log=$(mktemp)
 # trixie's systemd needs the unified cgroup hierarchy.

@@ -15,9 +15,11 @@ src=$PWD
 root=${TRIXIE_ROOT:-/var/tmp/pvevmstate-trixie}
 out=${OUT:-$src/build-deb}
 mirror=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
-build_deps=(debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools
+root_packages=(debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools
             python3-pytest python3-sdbus python3-pyroute2 dbus-daemon lintian dpkg-dev fakeroot
-            systemd git build-essential)
+            systemd git build-essential
+            # for boot.sh, which runs the installed unit under this root's systemd
+            dbus systemd-sysv qemu-system-x86 conntrack)
 
 step() { printf '\n=== %s\n' "$*" >&2; }
 
@@ -41,11 +43,11 @@ for m in proc sys dev dev/pts; do
 done
 in_root() { chroot "$root" env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8 "$@"; }
 
-if [ "$(cat "$root/.pvevmstate-deps" 2>/dev/null)" != "${build_deps[*]}" ]; then
-    step "install build dependencies in trixie"
+if [ "$(cat "$root/.pvevmstate-deps" 2>/dev/null)" != "${root_packages[*]}" ]; then
+    step "install build dependencies and what boot.sh needs in trixie"
     in_root apt-get update -qq
-    in_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${build_deps[@]}" >/dev/null
-    echo "${build_deps[*]}" > "$root/.pvevmstate-deps"
+    in_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${root_packages[@]}" >/dev/null
+    echo "${root_packages[*]}" > "$root/.pvevmstate-deps"
 fi
 
 step "copy the source tree (git ls-files) into the trixie root"
