@@ -62,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--linger", type=seconds, default=DEFAULT_LINGER, metavar="SECONDS",
                         help="stay this long after a Save or Load was answered, so the caller can "
                              "read NumMigratedEntries and call Quit (default: %(default)g)")
+    parser.add_argument("--format", choices=("auto", "text", "compact"), default="auto",
+                        help="what Save sends: save text (readable by the Perl helper and conntrack "
+                             "--load-file), the compact format, or text when everything fits as text "
+                             "and compact otherwise (default: %(default)s); Load reads all of them")
     parser.add_argument("--qmp-socket", metavar="PATH",
                         help="the VM's QMP monitor socket (default: /var/run/qemu-server/VMID.qmp)")
     parser.add_argument("--qmp-timeout", type=seconds, default=DEFAULT_TIMEOUT, metavar="SECONDS",
@@ -79,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     from .daemon import Daemon, Settings
 
     settings = Settings(vmid=args.vmid, linger=args.linger, qmp_socket=args.qmp_socket or "",
-                        qmp_timeout=args.qmp_timeout)
+                        qmp_timeout=args.qmp_timeout, payload_format=args.format)
     return asyncio.run(Daemon(settings).run())
 
 

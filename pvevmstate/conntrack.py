@@ -10,6 +10,7 @@ blocks: the daemon runs it in a worker thread.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import logging
 import os
@@ -165,11 +166,23 @@ class Conntrack:
         :raises ConntrackError: when the socket itself fails
         """
         result = CreateResult()
+        unlabeled: list[Entry] = []
         for start in range(0, len(entries), self.ack_budget):
-            self._create_batch(entries[start:start + self.ack_budget], mark, result)
+            self._create_batch(entries[start:start + self.ack_budget], mark, result, unlabeled)
+        if unlabeled:
+            # Labels exist only where a ruleset uses them (EOPNOTSUPP otherwise);
+            # the entry itself matters more than its labels.
+            log.warning("%d entries carry conntrack labels, which this host does not use; "
+                        "creating them without", len(unlabeled))
+            result.failed[errno.EOPNOTSUPP] -= len(unlabeled)
+            if not result.failed[errno.EOPNOTSUPP]:
+                del result.failed[errno.EOPNOTSUPP]
+            for start in range(0, len(unlabeled), self.ack_budget):
+                self._create_batch(unlabeled[start:start + self.ack_budget], mark, result, None)
         return result
 
-    def _create_batch(self, batch: list[Entry], mark: int, result: CreateResult) -> None:
+    def _create_batch(self, batch: list[Entry], mark: int, result: CreateResult,
+                      unlabeled: list[Entry] | None) -> None:
         if not batch:
             return
         first = self._seq + 1
@@ -209,6 +222,9 @@ class Conntrack:
                 if code:
                     failed += 1
                     result.failed[code] += 1
+                    entry = batch[seq - first]
+                    if unlabeled is not None and code == errno.EOPNOTSUPP and entry.labels:
+                        unlabeled.append(dataclasses.replace(entry, labels=None))
                 if seq == last_seq:
                     result.created += len(batch) - failed
                     return

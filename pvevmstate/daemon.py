@@ -98,6 +98,7 @@ class Settings:
     qmp_timeout: float = QMP_TIMEOUT
     bus_address: str = ""
     follow_timeout: float = FOLLOW_TIMEOUT
+    payload_format: str = "auto"
 
     @property
     def monitor(self) -> str:
@@ -191,7 +192,7 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop, signal.Signals(sig).name)
         driver = BusDriver.new_proxy(BUS_DRIVER_NAME, BUS_DRIVER_PATH, bus)
-        service = VMStateService(VMState(vmid, backend), self)
+        service = VMStateService(VMState(vmid, backend, fmt=self.settings.payload_format), self)
         handle = service.export_to_dbus(VMSTATE_PATH, bus)
         watcher = asyncio.create_task(self._watch_names(driver))
         watchdog = asyncio.create_task(self._watch_connection(bus))

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from .entry import (
     AF_INET,
     IPS_CONFIRMED,
+    IPS_DST_NAT_DONE,
+    IPS_SRC_NAT_DONE,
     PROTO_DCCP,
     PROTO_ICMP,
     PROTO_ICMPV6,
@@ -54,6 +56,8 @@ CTA_NAT_DST = 13
 CTA_ZONE = 18
 CTA_MARK_MASK = 21
 CTA_LABELS = 22
+CTA_NAT_PROTO = 3
+CTA_PROTONAT_PORT_MIN = 1
 
 CTA_TUPLE_IP = 1
 CTA_TUPLE_PROTO = 2
@@ -343,7 +347,7 @@ def dump_request(seq: int, mark: int) -> bytes:
     return _message(IPCTNL_MSG_CT_GET, NLM_F_REQUEST | NLM_F_DUMP, seq, socket.AF_UNSPEC, attrs)
 
 
-def _tuple(e: Entry, reply: bool, src: bytes, dst: bytes) -> bytes:
+def _tuple(e: Entry, reply: bool, src: bytes, dst: bytes, ports: tuple[int | None, int | None] | None = None) -> bytes:
     v4 = e.family == AF_INET
     ip = _nest(CTA_TUPLE_IP,
                _attr(CTA_IP_V4_SRC if v4 else CTA_IP_V6_SRC, src),
@@ -361,7 +365,7 @@ def _tuple(e: Entry, reply: bool, src: bytes, dst: bytes) -> bytes:
         if c is not None:
             parts.append(_u8(CTA_PROTO_ICMP_CODE + base, c))
     else:
-        sp, dp = (e.reply_sport, e.reply_dport) if reply else (e.sport, e.dport)
+        sp, dp = ports or ((e.reply_sport, e.reply_dport) if reply else (e.sport, e.dport))
         if sp is not None:
             parts.append(_be16(CTA_PROTO_SRC_PORT, sp))
         if dp is not None:
@@ -371,6 +375,12 @@ def _tuple(e: Entry, reply: bool, src: bytes, dst: bytes) -> bytes:
     if zone is not None:
         children.append(_be16(CTA_TUPLE_ZONE, zone))
     return _nest(CTA_TUPLE_REPLY if reply else CTA_TUPLE_ORIG, *children)
+
+
+def _nat_port(port: int | None) -> tuple[bytes, ...]:
+    if port is None:
+        return ()
+    return (_nest(CTA_NAT_PROTO, _be16(CTA_PROTONAT_PORT_MIN, port)),)
 
 
 def create_request(e: Entry, mark: int, seq: int, ack: bool) -> bytes:
@@ -388,11 +398,24 @@ def create_request(e: Entry, mark: int, seq: int, ack: bool) -> bytes:
     """
     zero = b"\0" * len(e.orig_src)
     snat, dnat = e.is_snat(), e.is_dnat()
-    # A NAT side goes as the zero address; the kernel's NAT setup computes the
-    # real reply tuple from CTA_NAT_* (how conntrack -n/-g restores NAT).
+    # With the kernel's own NAT bits (from a dump, carried by the compact
+    # payload) the translated port is known too, also when only the port was
+    # translated, which the save text cannot express.
+    st = e.status or 0
+    known = e.sport is not None and e.reply_sport is not None and e.reply_dport is not None
+    snat_port = e.reply_dport if known and st & IPS_SRC_NAT_DONE and e.reply_dport != e.sport else None
+    dnat_port = e.reply_sport if known and st & IPS_DST_NAT_DONE and e.reply_sport != e.dport else None
+    # A NAT side goes as the zero address (and, with a NAT port, the untranslated
+    # port); the kernel's NAT setup computes the real reply tuple from CTA_NAT_*
+    # (how conntrack -n/-g restores NAT). Given the translated values instead,
+    # it would see nothing to translate and leave the NAT undone.
+    reply_ports = None
+    if snat_port is not None or dnat_port is not None:
+        reply_ports = (e.dport if dnat_port is not None else e.reply_sport,
+                       e.sport if snat_port is not None else e.reply_dport)
     attrs = [
         _tuple(e, False, e.orig_src, e.orig_dst),
-        _tuple(e, True, zero if dnat else e.reply_src, zero if snat else e.reply_dst),
+        _tuple(e, True, zero if dnat else e.reply_src, zero if snat else e.reply_dst, reply_ports),
     ]
     if e.status is not None:
         attrs.append(_be32(CTA_STATUS, (e.status & STATUS_TEXT_MASK) | IPS_CONFIRMED))
@@ -430,10 +453,12 @@ def create_request(e: Entry, mark: int, seq: int, ack: bool) -> bytes:
             dccp.append(_u8(CTA_PROTOINFO_DCCP_ROLE, e.dccp_role))
         attrs.append(_nest(CTA_PROTOINFO, _nest(CTA_PROTOINFO_DCCP, *dccp)))
     minip = CTA_NAT_V4_MINIP if e.family == AF_INET else CTA_NAT_V6_MINIP
-    if snat:
-        attrs.append(_nest(CTA_NAT_SRC, _attr(minip, e.reply_dst)))
-    if dnat:
-        attrs.append(_nest(CTA_NAT_DST, _attr(minip, e.reply_src)))
+    if snat or snat_port is not None:
+        attrs.append(_nest(CTA_NAT_SRC, _attr(minip, e.reply_dst), *_nat_port(snat_port)))
+    if dnat or dnat_port is not None:
+        attrs.append(_nest(CTA_NAT_DST, _attr(minip, e.reply_src), *_nat_port(dnat_port)))
+    if e.labels and any(e.labels):
+        attrs.append(_attr(CTA_LABELS, e.labels))
     if e.zone is not None:
         attrs.append(_be16(CTA_ZONE, e.zone))
     flags = NLM_F_REQUEST | NLM_F_CREATE | NLM_F_EXCL | (NLM_F_ACK if ack else 0)

@@ -10,10 +10,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Protocol
 
-from . import codec
+from . import codec, payload
 from .conntrack import CreateResult
 from .entry import Entry
 from .errors import errno_text
@@ -36,9 +37,10 @@ class SaveReport:
     """What one Save produced."""
 
     payload: bytes
+    format: str
     dumped: int
     sent: int
-    left_out: int
+    left_out: Counter[str]
     ms: float
 
 
@@ -60,24 +62,27 @@ class VMState:
     :param vmid: the VM, which is also the CONNMARK its entries carry
     :param backend: the conntrack table
     :param limit: payload byte budget (QEMU's 1 MiB)
+    :param fmt: what Save sends: ``auto``, ``text`` or ``compact`` (Load reads all)
     """
 
-    def __init__(self, vmid: int, backend: ConntrackBackend, limit: int = codec.MAX_PAYLOAD) -> None:
+    def __init__(self, vmid: int, backend: ConntrackBackend, limit: int = codec.MAX_PAYLOAD,
+                 fmt: str = "auto") -> None:
         self.vmid = vmid
         self._backend = backend
         self._limit = limit
+        self._format = fmt
         self._lock = asyncio.Lock()
 
     def _save(self) -> SaveReport:
         t0 = time.perf_counter()
         entries = self._backend.dump(self.vmid)
-        payload = codec.encode_text(entries, self.vmid, self._limit)
-        return SaveReport(payload.data, len(entries), payload.sent, payload.left_out,
+        out = payload.encode(entries, self.vmid, self._limit, self._format)
+        return SaveReport(out.data, out.format, len(entries), out.sent, out.left_out,
                           (time.perf_counter() - t0) * 1000)
 
     def _load(self, data: bytes) -> LoadReport:
         t0 = time.perf_counter()
-        decoded = codec.decode_payload(data, self.vmid)
+        decoded = payload.decode(data, self.vmid)
         result = self._backend.create(decoded.entries, self.vmid) if decoded.entries else CreateResult()
         return LoadReport(len(data), len(decoded.entries) + decoded.refused, decoded.refused,
                           decoded.samples, result, (time.perf_counter() - t0) * 1000)
@@ -89,10 +94,14 @@ class VMState:
         """
         async with self._lock:
             report = await asyncio.to_thread(self._save)
-        level = logging.WARNING if report.left_out else logging.INFO
-        log.log(level, "Save: %d entries with mark %d, sent %d in %d bytes (limit %d), left out %d, %.1f ms",
-                report.dumped, self.vmid, report.sent, len(report.payload), self._limit, report.left_out,
-                report.ms)
+        left_out = sum(report.left_out.values())
+        level = logging.WARNING if left_out else logging.INFO
+        log.log(level, "Save: %d entries with mark %d, sent %d in %d bytes as %s (limit %d), left out %d, "
+                "%.1f ms", report.dumped, self.vmid, report.sent, len(report.payload), report.format,
+                self._limit, left_out, report.ms)
+        if left_out:
+            log.warning("Save: left out by class: %s", ", ".join(
+                "%d %s" % (report.left_out[c], c) for c in payload.CLASSES if report.left_out[c]))
         return report
 
     async def load(self, data: bytes) -> LoadReport:

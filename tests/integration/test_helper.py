@@ -13,12 +13,14 @@ import pytest
 
 from pvevmstate.codec import MAX_PAYLOAD
 from pvevmstate.dbus_api import VMSTATE_NAME, helper_id
+from pvevmstate.entry import IPS_SRC_NAT_DONE
 from tests import client
 from tests.support import (
     REPO,
     PrivateBus,
     example_lines,
     helper_command,
+    realistic_lines,
     start_bus,
     strip_timeout,
     synthetic_lines,
@@ -169,16 +171,35 @@ def test_empty_table_gives_one_byte(netns_factory: Factory, helper_factory: Fact
     assert client.count(client.vm(VMID)) == 0
 
 
-def test_table_over_one_mib_is_capped(netns_factory: Factory, helper_factory: Factory) -> None:
+def test_text_format_over_one_mib_is_capped(netns_factory: Factory, helper_factory: Factory) -> None:
+    # --format text: what the Perl helper can read, so at most ~5,000 entries.
     ns = netns_factory()
     lines = synthetic_lines(8000, seed=10, v6_share=0.6)
     ns.load(lines, mark=VMID)
-    helper = helper_factory(ns, VMID)
+    helper = helper_factory(ns, VMID, "--format", "text")
     data = client.save(client.vm(VMID))
     assert 1_000_000 < len(data) <= MAX_PAYLOAD
     sent = payload_lines(data)
     assert client.count(client.vm(VMID)) == len(sent) < 8000
     assert "left out %d" % (8000 - len(sent)) in helper.journal()
+    assert "Save: left out by class: " in helper.journal()
+
+
+def test_auto_format_sends_everything_compact(netns_factory: Factory, helper_factory: Factory) -> None:
+    ns, target = netns_factory(), netns_factory()
+    ns.load(realistic_lines(20_000, seed=11, min_timeout=900), mark=VMID)
+    ns.load(synthetic_lines(300, seed=12), mark=200)
+    helper_factory(ns, VMID)
+    data = client.save(client.vm(VMID))
+    assert data.startswith(b"PVCT") and len(data) <= MAX_PAYLOAD
+    assert client.count(client.vm(VMID)) == 20_000
+    client.quit_helper(client.vm(VMID))
+    dst = helper_factory(target, VMID)
+    client.load(client.vm(VMID), data)
+    assert client.count(client.vm(VMID)) == 20_000
+    assert sorted(map(strip_timeout, target.save_lines(VMID))) == sorted(map(strip_timeout, ns.save_lines(VMID)))
+    assert target.save_lines(200) == []
+    assert "created 20000 entries" in dst.journal()
 
 
 def test_quit_ends_the_helper_and_releases_names(netns_factory: Factory, helper_factory: Factory) -> None:
@@ -286,3 +307,50 @@ def test_introspection_shows_both_interfaces(netns_factory: Factory, helper_fact
     for member in ("org.qemu.VMState1", ".Save", ".Load", ".Id", "com.proxmox.VMStateHelper",
                    ".Quit", ".NumMigratedEntries"):
         assert member in out
+
+
+def kernel_entries(ns: Any, mark: int) -> list[Any]:
+    """The namespace's entries with ``mark`` as our netlink code reads them."""
+    from pyroute2 import netns
+
+    from pvevmstate.conntrack import Conntrack
+
+    netns.pushns(ns.name)
+    try:
+        table = Conntrack()
+    finally:
+        netns.popns()
+    try:
+        return sorted(table.dump(mark), key=lambda e: (e.orig_src, e.sport or 0))
+    finally:
+        table.close()
+
+
+def test_compact_keeps_what_the_text_drops(netns_factory: Factory, helper_factory: Factory) -> None:
+    # A port-only source NAT (the save text shows the port but not the NAT)
+    # and the kernel's TCP window scale and flags.
+    source, target, via_text = netns_factory(), netns_factory(), netns_factory()
+    source.conntrack("-I", "-s", "10.0.0.1", "-d", "192.0.2.1", "-p", "tcp", "--sport", "1000", "--dport", "443",
+                     "--state", "ESTABLISHED", "-u", "SEEN_REPLY,ASSURED", "-t", "900",
+                     "--src-nat", "10.0.0.1:2000", "--mark", str(VMID))
+    source.load(synthetic_lines(50, seed=13), mark=VMID)
+    helper_factory(source, VMID, "--format", "compact")
+    data = client.save(client.vm(VMID))
+    assert data.startswith(b"PVCT")
+    client.quit_helper(client.vm(VMID))
+    helper_factory(target, VMID)
+    client.load(client.vm(VMID), data)
+    want, got = kernel_entries(source, VMID), kernel_entries(target, VMID)
+    assert len(got) == len(want) == 51
+
+    def essentials(e: Any) -> tuple[Any, ...]:
+        return (e.orig_src, e.orig_dst, e.reply_src, e.reply_dst, e.sport, e.dport, e.reply_sport, e.reply_dport,
+                e.status, e.state, e.tcp_wscale_orig, e.tcp_wscale_reply, e.tcp_flags_orig, e.tcp_flags_reply)
+
+    assert [essentials(e) for e in got] == [essentials(e) for e in want]
+    nat = [e for e in got if e.reply_dport == 2000]
+    assert len(nat) == 1 and nat[0].status & IPS_SRC_NAT_DONE
+    # The same entry through the save text loses its NAT binding.
+    via_text.load([ln for ln in source.save_lines(VMID) if "--reply-port-dst 2000" in ln], mark=VMID)
+    (text_entry,) = kernel_entries(via_text, VMID)
+    assert text_entry.reply_dport == 2000 and not text_entry.status & IPS_SRC_NAT_DONE

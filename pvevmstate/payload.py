@@ -1,0 +1,131 @@
+"""What Save sends and Load reads: format choice, the 1 MiB limit, priorities.
+
+Three payloads exist, and Load tells them apart without being told:
+
+* ``\\x00`` (or anything of at most one byte): no entries;
+* the compact format (:mod:`pvevmstate.compact`, starts with ``PVCT``);
+* save text (:mod:`pvevmstate.codec`), which the Perl helper writes and reads.
+
+Save writes text when everything fits as text and the format allows it
+(``text`` or ``auto``), otherwise compact (``compact`` or ``auto``). When not
+everything fits, the entries that matter most for live traffic go first:
+assured established TCP, then other TCP, then assured UDP, then the rest;
+within a class the longest remaining timeout first.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from . import codec, compact
+from .entry import IPS_ASSURED, PROTO_TCP, PROTO_UDP, Entry
+from .errors import CodecError
+
+FORMATS = ("auto", "text", "compact")
+MAX_PAYLOAD = codec.MAX_PAYLOAD
+NO_STATE = codec.NO_STATE
+#: The priority classes, most important first.
+CLASSES = ("established TCP", "other TCP", "assured UDP", "other")
+_TCP_ESTABLISHED = 3
+#: No save line is shorter than this: more entries than limit / this cannot fit as text.
+MIN_TEXT_LINE = 90
+#: Rounds of shrinking a compact payload that came out over the limit.
+MAX_SHRINK_ROUNDS = 8
+
+
+def priority_class(e: Entry) -> int:
+    """0 for assured established TCP, 1 other TCP, 2 assured UDP, 3 the rest."""
+    assured = bool((e.status or 0) & IPS_ASSURED)
+    if e.proto == PROTO_TCP:
+        return 0 if assured and e.state == _TCP_ESTABLISHED else 1
+    if e.proto == PROTO_UDP and assured:
+        return 2
+    return 3
+
+
+def by_priority(entries: Sequence[Entry]) -> list[Entry]:
+    """The entries, most important first (stable within equal keys)."""
+    return sorted(entries, key=lambda e: (priority_class(e), -(e.timeout or 0)))
+
+
+@dataclass(slots=True)
+class Payload:
+    """One Save's bytes and what they hold."""
+
+    data: bytes
+    format: str
+    sent: int
+    left_out: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def left_out_total(self) -> int:
+        return sum(self.left_out.values())
+
+
+def _left_out(entries: Sequence[Entry]) -> Counter[str]:
+    return Counter(CLASSES[priority_class(e)] for e in entries)
+
+
+def encode(entries: Sequence[Entry], mark: int, limit: int = MAX_PAYLOAD, fmt: str = "auto") -> Payload:
+    """Encode ``entries`` in ``fmt`` within ``limit`` bytes (never empty).
+
+    :param entries: the VM's entries
+    :param mark: the VM's mark (the text format appends it to every line)
+    :param limit: byte budget, at least 1
+    :param fmt: ``auto``, ``text`` or ``compact``
+    """
+    if not entries:
+        return Payload(NO_STATE, "none", 0)
+    if fmt == "text" or (fmt == "auto" and len(entries) * MIN_TEXT_LINE <= limit):
+        text = codec.encode_text(entries, mark, limit)
+        if not text.left_out:
+            return Payload(text.data, "text", text.sent)
+        if fmt == "text":
+            ordered = by_priority(entries)
+            text = codec.encode_text(ordered, mark, limit)
+            return Payload(text.data, "text", text.sent, _left_out(ordered[text.sent:]))
+    return _encode_compact(entries, limit)
+
+
+def _encode_compact(entries: Sequence[Entry], limit: int) -> Payload:
+    ordered: Sequence[Entry] = entries
+    if len(entries) > compact.MAX_RECORDS:
+        ordered = by_priority(entries)
+    n = min(len(ordered), compact.MAX_RECORDS)
+    data = compact.encode(ordered[:n])
+    rounds = 0
+    while len(data) > limit:
+        if ordered is entries:
+            ordered = by_priority(entries)
+        rounds += 1
+        # Compressed size grows about linearly with the entries; aim a little low.
+        n = int(n * limit / len(data) * 0.98) if rounds < MAX_SHRINK_ROUNDS else n // 2
+        if n <= 0:
+            return Payload(NO_STATE, "none", 0, _left_out(ordered))
+        data = compact.encode(ordered[:n])
+    return Payload(data, "compact", n, _left_out(ordered[n:]))
+
+
+def decode(data: bytes, mark: int) -> codec.DecodedPayload:
+    """Read any of the three payloads; never raises for bad input.
+
+    A compact payload that is unusable as a whole (corrupt, truncated, over
+    its bounds) gives no entries and one refusal saying why.
+
+    :param data: the bytes QEMU passed to Load
+    :param mark: the VM's mark (text lines carrying another one are refused)
+    """
+    if len(data) <= 1 or not compact.is_compact(data):
+        return codec.decode_payload(data, mark)
+    result = codec.DecodedPayload()
+    try:
+        decoded = compact.decode(data)
+    except CodecError as err:
+        result.refuse(0, str(err))
+        return result
+    result.entries = decoded.entries
+    for no, reason in decoded.refused:
+        result.refuse(no, reason)
+    return result

@@ -1,0 +1,231 @@
+"""The compact format and the payload rules: round trips, the 1 MiB bound,
+priorities, and a decoder that a crafted payload cannot make expand or run long."""
+
+from __future__ import annotations
+
+import random
+import struct
+import zlib
+from collections import Counter
+
+import pytest
+
+from pvevmstate import codec, compact, payload
+from pvevmstate.entry import (
+    AF_INET,
+    AF_INET6,
+    IPS_ASSURED,
+    IPS_DST_NAT_DONE,
+    IPS_EXPECTED,
+    IPS_SEEN_REPLY,
+    IPS_SRC_NAT_DONE,
+    PROTO_DCCP,
+    PROTO_SCTP,
+    PROTO_TCP,
+    PROTO_UDP,
+    Entry,
+)
+from pvevmstate.errors import CodecError
+from tests.support import example_lines, realistic_lines
+
+V4A, V4B, V4C = bytes((10, 0, 0, 1)), bytes((192, 0, 2, 1)), bytes((203, 0, 113, 5))
+V6A, V6B = bytes(range(16)), bytes(range(16, 32))
+
+
+def parsed(lines: list[str]) -> list[Entry]:
+    return [codec.parse_line(ln) for ln in lines]
+
+
+def round_trip(entries: list[Entry]) -> list[Entry]:
+    decoded = compact.decode(compact.encode(entries))
+    assert decoded.refused == []
+    return decoded.entries
+
+
+def test_every_example_line_round_trips() -> None:
+    entries = parsed(example_lines())
+    assert round_trip(entries) == entries
+    # And back to exactly the same save text.
+    assert [codec.render_line(e) for e in round_trip(entries)] == example_lines()
+
+
+def full_entry(family: int) -> Entry:
+    a, b, c = (V4A, V4B, V4C) if family == AF_INET else (V6A, V6B, bytes(reversed(V6A)))
+    return Entry(family, PROTO_TCP, a, b, b, c, sport=40000, dport=443, reply_sport=443, reply_dport=2000,
+                 timeout=431999, status=IPS_SEEN_REPLY | IPS_ASSURED | IPS_SRC_NAT_DONE, zone=7, orig_zone=7,
+                 reply_zone=7, state=3, tcp_wscale_orig=7, tcp_wscale_reply=9, tcp_flags_orig=0x23,
+                 tcp_flags_reply=0x2b, labels=bytes(range(1, 17)))
+
+
+@pytest.mark.parametrize("family", [AF_INET, AF_INET6])
+def test_every_field_survives(family: int) -> None:
+    # Including what the save text drops: window scale, flags, labels, and a
+    # source NAT that changes the port and the address.
+    e = full_entry(family)
+    assert round_trip([e]) == [e]
+
+
+def test_port_only_nat_and_other_protocols_survive() -> None:
+    entries = [
+        # Port-only source NAT: same addresses, translated port.
+        Entry(AF_INET, PROTO_TCP, V4A, V4B, V4B, V4A, sport=1000, dport=443, reply_sport=443, reply_dport=2000,
+              timeout=499, status=IPS_SEEN_REPLY | IPS_ASSURED | IPS_SRC_NAT_DONE, state=3),
+        Entry(AF_INET6, PROTO_UDP, V6A, V6B, V6B, V6A, sport=5, dport=6, reply_sport=7, reply_dport=5,
+              timeout=30, status=IPS_DST_NAT_DONE),
+        Entry(AF_INET, PROTO_SCTP, V4A, V4B, V4B, V4A, sport=1, dport=2, reply_sport=2, reply_dport=1,
+              state=4, vtag_orig=0xdeadbeef, vtag_reply=0x01020304),
+        Entry(AF_INET, PROTO_DCCP, V4A, V4B, V4B, V4A, sport=1, dport=2, reply_sport=2, reply_dport=1,
+              state=4, dccp_role=1),
+        Entry(AF_INET, 1, V4A, V4B, V4B, V4A, icmp_type=8, icmp_code=0, icmp_id=77, reply_icmp_type=0,
+              reply_icmp_code=0, reply_icmp_id=77),
+        Entry(AF_INET, 47, V4A, V4B, V4B, V4A),  # GRE without keys: absent stays absent (None)
+    ]
+    assert round_trip(entries) == entries
+
+
+def test_absent_fields_stay_absent() -> None:
+    e = Entry(AF_INET, PROTO_UDP, V4A, V4B, V4B, V4A, sport=0, dport=0, reply_sport=0, reply_dport=0)
+    (back,) = round_trip([e])
+    assert back == e and back.timeout is None and back.status is None and back.labels is None
+
+
+def test_fifty_thousand_typical_entries_fit() -> None:
+    entries = parsed(realistic_lines(50_000, seed=7))
+    out = payload.encode(entries, 100)
+    assert out.format == "compact" and out.sent == 50_000 and not out.left_out
+    assert len(out.data) <= payload.MAX_PAYLOAD
+
+
+@pytest.mark.parametrize("n", [0, 1, 10, 1000, 5000, 5300, 6000, 20_000, 80_000])
+@pytest.mark.parametrize("fmt", payload.FORMATS)
+def test_never_above_one_mib(n: int, fmt: str) -> None:
+    entries = parsed(realistic_lines(n, seed=n)) if n else []
+    out = payload.encode(entries, 123456789, fmt=fmt)
+    assert 1 <= len(out.data) <= payload.MAX_PAYLOAD
+    assert out.sent + out.left_out_total == n
+    if fmt == "auto" and n <= 5000:
+        assert out.format in ("text", "none") and not out.left_out
+    decoded = payload.decode(out.data, 123456789)
+    assert len(decoded.entries) == out.sent and decoded.refused == 0
+
+
+def test_auto_is_text_when_everything_fits_and_compact_otherwise() -> None:
+    small = parsed(realistic_lines(100, seed=1))
+    assert payload.encode(small, 100).format == "text"
+    assert payload.encode(small, 100, limit=5000).format == "compact"
+    assert payload.encode(small, 100, fmt="compact").format == "compact"
+
+
+def classed(seed: int) -> list[Entry]:
+    rnd = random.Random(seed)
+    out = []
+    for i in range(400):
+        proto, state, status = rnd.choice([(PROTO_TCP, 3, IPS_ASSURED), (PROTO_TCP, 3, 0), (PROTO_TCP, 7, IPS_ASSURED),
+                                           (PROTO_UDP, None, IPS_ASSURED), (PROTO_UDP, None, 0), (1, None, 0)])
+        src = bytes((10, 1, i // 256, i % 256))
+        out.append(Entry(AF_INET, proto, src, V4B, V4B, src, sport=1000 + i, dport=53, reply_sport=53,
+                         reply_dport=1000 + i, timeout=rnd.randint(1, 432000), status=status, state=state)
+                   if proto != 1 else
+                   Entry(AF_INET, 1, src, V4B, V4B, src, icmp_type=8, icmp_code=0, icmp_id=i, reply_icmp_type=0,
+                         reply_icmp_code=0, reply_icmp_id=i, timeout=rnd.randint(1, 30), status=status))
+    return out
+
+
+@pytest.mark.parametrize(("fmt", "limit"), [("text", 20_000), ("compact", 1200), ("auto", 1200)])
+def test_what_is_left_out_matters_least(fmt: str, limit: int) -> None:
+    entries = classed(3)
+    out = payload.encode(entries, 100, limit=limit, fmt=fmt)
+    assert 0 < out.sent < len(entries) and len(out.data) <= limit
+    kept = payload.decode(out.data, 100).entries
+    key = {(e.orig_src, e.proto): e for e in entries}
+    kept_full = [key[(e.orig_src, e.proto)] for e in kept]
+    rank = sorted(entries, key=lambda e: (payload.priority_class(e), -(e.timeout or 0)))
+    # Exactly the top of the ranking was kept ...
+    assert sorted(map(id, kept_full)) == sorted(map(id, rank[:out.sent]))
+    # ... and the log counts what was not, by class.
+    assert out.left_out == Counter(payload.CLASSES[payload.priority_class(e)] for e in rank[out.sent:])
+
+
+def test_priority_classes() -> None:
+    tcp = Entry(AF_INET, PROTO_TCP, V4A, V4B, V4B, V4A, state=3, status=IPS_ASSURED)
+    assert payload.priority_class(tcp) == 0
+    tcp.state = 7
+    assert payload.priority_class(tcp) == 1
+    udp = Entry(AF_INET, PROTO_UDP, V4A, V4B, V4B, V4A, status=IPS_ASSURED)
+    assert payload.priority_class(udp) == 2
+    udp.status = IPS_SEEN_REPLY
+    assert payload.priority_class(udp) == 3
+
+
+# ------------------------------------------------------------ the decoder's bounds
+
+
+def header(count: int, version: int = 1, size: int = 130, compression: int = 1) -> bytes:
+    return compact.HEADER.pack(compact.MAGIC, version, compression, size, count)
+
+
+def test_decompression_bomb_is_refused_without_inflating_it() -> None:
+    # 100 MB of zeros compress to ~100 KB; the header claims 10 records.
+    bomb = header(10) + zlib.compress(bytes(100 << 20), 9)
+    assert len(bomb) < payload.MAX_PAYLOAD
+    with pytest.raises(CodecError, match="holds 1301 bytes of records, not 1300"):
+        compact.decode(bomb)
+
+
+@pytest.mark.parametrize(("data", "reason"), [
+    (header(compact.MAX_RECORDS + 1), "more than"),
+    (header(1, version=2), "unknown compact payload version"),
+    (header(1, size=64), "unsupported"),
+    (header(1, compression=2), "unsupported"),
+    (b"PVCT\x01", "shorter than its header"),
+    (header(1) + b"not zlib at all", "corrupt"),
+    (header(2) + zlib.compress(bytes(130)), "not 260"),
+])
+def test_bad_payloads_are_refused_as_a_whole(data: bytes, reason: str) -> None:
+    with pytest.raises(CodecError, match=reason):
+        compact.decode(data)
+    decoded = payload.decode(data, 100)
+    assert decoded.entries == [] and decoded.refused == 1 and reason in decoded.samples[0].reason
+
+
+def test_truncated_and_bit_flipped_payloads_never_raise() -> None:
+    data = compact.encode(parsed(realistic_lines(300, seed=9)))
+    rnd = random.Random(1)
+    for cut in range(len(compact.MAGIC) + 1, len(data), 97):
+        decoded = payload.decode(data[:cut], 100)
+        assert decoded.entries == [] and decoded.refused == 1
+    for _ in range(300):
+        flipped = bytearray(data)
+        pos = rnd.randrange(len(compact.MAGIC), len(flipped))
+        flipped[pos] ^= 1 << rnd.randrange(8)
+        decoded = payload.decode(bytes(flipped), 100)  # never raises
+        assert len(decoded.entries) + decoded.refused <= 300 or decoded.refused == 1
+
+
+def records(*entries_raw: bytes) -> bytes:
+    raw = b"".join(entries_raw)
+    size = compact.RECORD.size
+    return header(len(entries_raw)) + zlib.compress(b"".join(raw[i::size] for i in range(size)))
+
+
+def raw_record(family: int = AF_INET, proto: int = PROTO_TCP, present: int = 0, status: int = 0) -> bytes:
+    values: list[int | bytes] = [family, proto, present | (1 << 11), V4A.ljust(16, b"\0"), V4B.ljust(16, b"\0"),
+                                 V4B.ljust(16, b"\0"), V4A.ljust(16, b"\0")]
+    values += [0] * 10 + [0, status] + [0] * 11 + [bytes(16)]
+    return compact.RECORD.pack(*values)
+
+
+@pytest.mark.parametrize(("record", "reason"), [
+    (raw_record(family=7), "unknown address family"),
+    (raw_record(present=1 << 27), "unknown fields"),
+    (raw_record(status=IPS_EXPECTED), "EXPECTED"),
+])
+def test_bad_records_are_refused_one_by_one(record: bytes, reason: str) -> None:
+    decoded = payload.decode(records(raw_record(), record, raw_record()), 100)
+    assert len(decoded.entries) == 2 and decoded.refused == 1
+    assert decoded.samples[0].line_no == 2 and reason in decoded.samples[0].reason
+
+
+def test_format_is_documented_as_built() -> None:
+    assert compact.RECORD.size == 130 == struct.calcsize("<BBI16s16s16s16sHHHHBBHBBHIIHHHBBIIBBBB16s")
+    assert compact.HEADER.size == 12
