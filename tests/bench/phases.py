@@ -1,0 +1,108 @@
+"""Where Save and Load spend their time, phase by phase, in-process (no D-Bus).
+
+The profile behind the benchmark's ratios: for N entries (among 3·N others) in a
+throw-away namespace it times the kernel's part of the dump (raw receive, no
+decoding), decoding into entries, encoding the payload, decoding the payload,
+building the create requests, and the kernel's part of creating them.
+
+    python3 -m tests.bench.phases [N ...]
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import cast
+
+from pyroute2 import netns
+
+from pvevmstate import nlmsg, payload
+from pvevmstate.codec import DecodedPayload
+from pvevmstate.conntrack import Conntrack
+from tests.support import realistic_lines
+
+VMID = 100
+
+
+def timed(fn: Callable[[], object], repeat: int = 5) -> tuple[float, object]:
+    times, result = [], None
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        result = fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times), result
+
+
+def raw_dump(table: Conntrack) -> int:
+    """Receive a mark-filtered dump without decoding it: the kernel's share."""
+    # The adapter's own socket: what its dump receives, without the decoding.
+    sock, buf = table._sock, table._buf
+    sock.send(nlmsg.dump_request(1, VMID))
+    total = 0
+    while True:
+        n = sock.recv_into(buf)
+        total += n
+        chunk = nlmsg.decode_dump(bytes(buf[:n]), n, 1, []) if n < 64 else None
+        if chunk is not None and chunk.done:
+            return total
+        if n >= 16 and int.from_bytes(buf[n - 16 + 4:n - 16 + 6], sys.byteorder) == nlmsg.NLMSG_DONE:
+            return total
+
+
+def phases(n: int) -> dict[str, float]:
+    ns = "pvevmstate-phases-%d" % os.getpid()
+    netns.create(ns)
+    try:
+        lines = realistic_lines(4 * n, seed=n, min_timeout=900)
+        for mark, part in ((VMID, lines[:n]), (200, lines[n:])):
+            text = "".join("%s --mark %d\n" % (ln, mark) for ln in part).encode()
+            subprocess.run(["conntrack", "--load-file", "-"], input=text, check=True,
+                           stderr=subprocess.DEVNULL, preexec_fn=lambda: netns.setns(ns))
+        netns.pushns(ns)
+        try:
+            table = Conntrack()
+        finally:
+            netns.popns()
+        out: dict[str, float] = {"entries": n}
+        out["kernel dump (receive only)"], _ = timed(lambda: raw_dump(table))
+        out["dump + decode"], entries = timed(lambda: table.dump(VMID))
+        assert isinstance(entries, list)
+        out["decode"] = out["dump + decode"] - out["kernel dump (receive only)"]
+        out["encode payload (auto)"], encoded = timed(lambda: payload.encode(entries, VMID))
+        assert isinstance(encoded, payload.Payload)
+        out["payload bytes"] = len(encoded.data)
+        out["decode payload"], decoded_any = timed(lambda: payload.decode(encoded.data, VMID))
+        decoded = cast(DecodedPayload, decoded_any)
+        out["build create requests"], _ = timed(
+            lambda: [nlmsg.create_request(e, VMID, i, False) for i, e in enumerate(decoded.entries)])
+
+        def create() -> float:
+            subprocess.run(["conntrack", "-D", "--mark", str(VMID)], check=False, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, preexec_fn=lambda: netns.setns(ns))
+            t0 = time.perf_counter()
+            table.create(decoded.entries, VMID)
+            return (time.perf_counter() - t0) * 1e3
+        created = [create() for _ in range(3)]
+        out["build + create"] = statistics.median(created)
+        out["kernel create (rest)"] = out["build + create"] - out["build create requests"]
+        table.close()
+        return out
+    finally:
+        netns.remove(ns)
+
+
+def main() -> int:
+    sizes = [int(a) for a in sys.argv[1:]] or [5000, 50000]
+    for n in sizes:
+        for key, value in phases(n).items():
+            print("%-28s %10.1f" % (key, value))
+        print()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
