@@ -235,7 +235,11 @@ class QMPSession:
     def __init__(self, path: Path, timeout: float = 30) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(timeout)
-        self.sock.connect(str(path))
+        try:
+            self.sock.connect(str(path))
+        except OSError:
+            self.sock.close()
+            raise
         self.file = self.sock.makefile("rwb")
         greeting = json.loads(self.file.readline())
         assert "QMP" in greeting, greeting
@@ -327,7 +331,13 @@ def start_qemu(directory: Path, name: str, *, machine: str = "none", incoming: s
     def up() -> bool:
         if proc.poll() is not None:
             raise RuntimeError("QEMU %s exited with %s: %s" % (name, proc.returncode, log.read_text()))
-        return qmp_path.exists()
+        # The socket file appears at bind(), before QEMU listens: try to connect.
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            try:
+                probe.connect(str(qmp_path))
+            except (FileNotFoundError, ConnectionRefusedError):
+                return False
+        return True
     wait_until(up, 30, "QEMU %s to open its QMP socket" % name)
     return qemu
 
