@@ -43,6 +43,7 @@ from .entry import (
     PROTO_UDPLITE,
     SCTP_STATES,
     STATUS_TEXT_BITS,
+    STATUS_TEXT_MASK,
     TCP_STATES,
     Entry,
 )
@@ -84,60 +85,87 @@ def _name(table: tuple[str, ...], value: int) -> str:
     return table[value] if 0 <= value < len(table) else NULL_NAME
 
 
+_STATUS_TEXT: dict[int, str] = {}
+_PORT_KEYS = ("--sport", "--dport", "--reply-port-src", "--reply-port-dst")
+_GRE_KEYS = ("--srckey", "--dstkey", "--reply-key-src", "--reply-key-dst")
+_STATE_NAMES = {PROTO_TCP: TCP_STATES, PROTO_SCTP: SCTP_STATES, PROTO_DCCP: DCCP_STATES}
+#: Addresses already printed: a VM's entries share few addresses (its own ones
+#: above all), and inet_ntop costs more than a lookup. Bounded, cleared when full.
+_NTOP_CACHE: dict[tuple[int, bytes], str] = {}
+_NTOP_CACHE_MAX = 1 << 16
+
+
+def _ntop(family: int, addr: bytes) -> str:
+    key = (family, addr)
+    text = _NTOP_CACHE.get(key)
+    if text is None:
+        text = _inet_ntop(family, addr)
+        if len(_NTOP_CACHE) >= _NTOP_CACHE_MAX:
+            _NTOP_CACHE.clear()
+        _NTOP_CACHE[key] = text
+    return text
+
+
 def render_line(e: Entry) -> str:
     """Render one entry as conntrack 1.4.7 ``-o save`` prints it (no newline, no mark)."""
+    # Runs once per entry inside the downtime: string concatenation and cached
+    # pieces, in the order conntrack prints them.
     fam = e.family
-    out = ["-A"]
+    line = "-A"
     if e.timeout is not None:
-        out.append("-t %d" % e.timeout)
-    if e.status is not None:
-        out.append("-u " + status_text(e.status))
+        line += " -t %d" % e.timeout
+    st = e.status
+    if st is not None:
+        text = _STATUS_TEXT.get(st & STATUS_TEXT_MASK)
+        if text is None:
+            text = _STATUS_TEXT[st & STATUS_TEXT_MASK] = status_text(st)
+        line += " -u " + text
     if e.zone is not None:
-        out.append("-w %d" % e.zone)
+        line += " -w %d" % e.zone
     if e.orig_zone is not None:
-        out.append("--orig-zone %d" % e.orig_zone)
+        line += " --orig-zone %d" % e.orig_zone
     if e.reply_zone is not None:
-        out.append("--reply-zone %d" % e.reply_zone)
-    out.append("-s %s -d %s" % (_inet_ntop(fam, e.orig_src), _inet_ntop(fam, e.orig_dst)))
-    out.append(("-g %s" if e.is_dnat() else "-r %s") % _inet_ntop(fam, e.reply_src))
-    out.append(("-n %s" if e.is_snat() else "-q %s") % _inet_ntop(fam, e.reply_dst))
+        line += " --reply-zone %d" % e.reply_zone
+    line += " -s %s -d %s %s %s %s %s" % (
+        _ntop(fam, e.orig_src), _ntop(fam, e.orig_dst),
+        "-g" if e.is_dnat() else "-r", _ntop(fam, e.reply_src),
+        "-n" if e.is_snat() else "-q", _ntop(fam, e.reply_dst))
     proto = e.proto
     name = PROTO_NAMES.get(proto)
     if name is None:
-        out.append("-p %d" % proto)
-        return " ".join(out)
-    out.append("-p " + name)
+        return line + " -p %d" % proto
+    line += " -p " + name
     if proto in (PROTO_ICMP, PROTO_ICMPV6):
-        pre = "--icmp-" if proto == PROTO_ICMP else "--icmpv6-"
+        pre = " --icmp-" if proto == PROTO_ICMP else " --icmpv6-"
         if e.icmp_type is not None:
-            out.append("%stype %d" % (pre, e.icmp_type))
+            line += "%stype %d" % (pre, e.icmp_type)
         if e.icmp_code is not None:
-            out.append("%scode %d" % (pre, e.icmp_code))
+            line += "%scode %d" % (pre, e.icmp_code)
         if e.icmp_id is not None:
-            out.append("%sid %d" % (pre, e.icmp_id))
-        return " ".join(out)
-    if proto == PROTO_GRE:
-        keys = ("--srckey", "--dstkey", "--reply-key-src", "--reply-key-dst")
+            line += "%sid %d" % (pre, e.icmp_id)
+        return line
+    ports = (e.sport, e.dport, e.reply_sport, e.reply_dport)
+    keys = _GRE_KEYS if proto == PROTO_GRE else _PORT_KEYS
+    sport, dport, rsport, rdport = ports
+    if sport is not None and dport is not None and rsport is not None and rdport is not None:
+        line += " %s %d %s %d %s %d %s %d" % (keys[0], sport, keys[1], dport, keys[2], rsport, keys[3], rdport)
     else:
-        keys = ("--sport", "--dport", "--reply-port-src", "--reply-port-dst")
-    for opt, val in zip(keys, (e.sport, e.dport, e.reply_sport, e.reply_dport), strict=False):
-        if val is not None:
-            out.append("%s %d" % (opt, val))
-    if e.state is not None:
-        if proto == PROTO_TCP:
-            out.append("--state " + _name(TCP_STATES, e.state))
-        elif proto == PROTO_SCTP:
-            out.append("--state " + _name(SCTP_STATES, e.state))
-        elif proto == PROTO_DCCP:
-            out.append("--state " + _name(DCCP_STATES, e.state))
+        for opt, val in zip(keys, ports, strict=True):
+            if val is not None:
+                line += " %s %d" % (opt, val)
+    state = e.state
+    if state is not None:
+        names = _STATE_NAMES.get(proto)
+        if names is not None:
+            line += " --state " + _name(names, state)
     if proto == PROTO_SCTP:
         if e.vtag_orig is not None:
-            out.append("--orig-vtag %d" % vtag_text(e.vtag_orig))
+            line += " --orig-vtag %d" % vtag_text(e.vtag_orig)
         if e.vtag_reply is not None:
-            out.append("--reply-vtag %d" % vtag_text(e.vtag_reply))
+            line += " --reply-vtag %d" % vtag_text(e.vtag_reply)
     elif proto == PROTO_DCCP and e.dccp_role is not None:
-        out.append("--role " + _name(DCCP_ROLES, e.dccp_role))
-    return " ".join(out)
+        line += " --role " + _name(DCCP_ROLES, e.dccp_role)
+    return line
 
 
 # ---------------------------------------------------------------- parsing

@@ -41,10 +41,13 @@ crafted payload can cost at most ~26 MB and one pass over it.
 
 from __future__ import annotations
 
+import dataclasses
+import operator
 import struct
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from .entry import AF_INET, AF_INET6, IPS_EXPECTED, Entry
 from .errors import CodecError
@@ -54,6 +57,7 @@ VERSION = 1
 COMPRESSION_ZLIB = 1
 HEADER = struct.Struct("<4sBBHI")
 RECORD = struct.Struct("<BBI16s16s16s16sHHHHBBHBBHIIHHHBBIIBBBB16s")
+RECORD_FIELDS = 31
 #: Most records one payload may hold (~26 MB inflated, ~0.5 s to decode).
 MAX_RECORDS = 200_000
 #: zlib level: 6 compresses typical tables ~10 % better than 1 at twice the time,
@@ -80,28 +84,44 @@ def is_compact(data: bytes) -> bool:
     return data[:4] == MAGIC
 
 
-def _record(e: Entry) -> bytes:
+_optional_of = operator.attrgetter(*OPTIONAL)
+_NONE_TYPE = type(None)
+#: Per pattern of absent fields (the types of the optional values): the
+#: ``present`` bits and a picker that puts 0 (or b"" for labels) where a
+#: field is absent. Entries of a table share a handful of patterns, and
+#: looking one up is much cheaper than testing 24 fields one by one.
+_patterns: dict[tuple[type, ...], tuple[int, Callable[[tuple[Any, ...]], tuple[Any, ...]]]] = {}
+
+
+def _pattern(types: tuple[type, ...]) -> tuple[int, Callable[[tuple[Any, ...]], tuple[Any, ...]]]:
     present = 0
-    for name in OPTIONAL:
-        if getattr(e, name) is not None:
+    picks = []
+    n = len(OPTIONAL)
+    for i, (name, t) in enumerate(zip(OPTIONAL, types, strict=True)):
+        if t is _NONE_TYPE:
+            picks.append(n + 1 if name == "labels" else n)  # the 0 or the b"" after the values
+        else:
             present |= _BIT[name]
+            picks.append(i)
+    found = _patterns[types] = (present, operator.itemgetter(*picks))
+    return found
+
+
+def _record(e: Entry) -> bytes:
+    values = _optional_of(e)
+    types = tuple(map(type, values))
+    found = _patterns.get(types)
+    present, pick = found if found is not None else _pattern(types)
     osrc, odst, rsrc, rdst = e.orig_src, e.orig_dst, e.reply_src, e.reply_dst
     if rsrc == odst and rdst == osrc:
         present |= ADDRS_SWAPPED
         rsrc = rdst = _PAD
-    sport, dport, rsport, rdport = e.sport, e.dport, e.reply_sport, e.reply_dport
+    fields = pick((*values, 0, b""))
+    sport, dport, rsport, rdport = values[0], values[1], values[2], values[3]
     if sport is not None and rsport == dport and rdport == sport:
         present |= PORTS_SWAPPED
-        rsport = rdport = 0
-    return RECORD.pack(
-        e.family, e.proto, present, osrc, odst, rsrc, rdst,
-        sport or 0, dport or 0, rsport or 0, rdport or 0,
-        e.icmp_type or 0, e.icmp_code or 0, e.icmp_id or 0,
-        e.reply_icmp_type or 0, e.reply_icmp_code or 0, e.reply_icmp_id or 0,
-        e.timeout or 0, e.status or 0, e.zone or 0, e.orig_zone or 0, e.reply_zone or 0,
-        e.state or 0, e.dccp_role or 0, e.vtag_orig or 0, e.vtag_reply or 0,
-        e.tcp_wscale_orig or 0, e.tcp_wscale_reply or 0, e.tcp_flags_orig or 0, e.tcp_flags_reply or 0,
-        (e.labels or b"")[:16])
+        fields = (fields[0], fields[1], 0, 0, *fields[4:])
+    return RECORD.pack(e.family, e.proto, present, osrc, odst, rsrc, rdst, *fields)
 
 
 def encode(entries: Sequence[Entry]) -> bytes:
@@ -163,9 +183,28 @@ def decode(data: bytes) -> Decoded:
     return out
 
 
-def _entry(r: tuple[int | bytes, ...]) -> Entry:
+#: Per ``present`` value: a picker of the Entry fields after the addresses
+#: (None where absent; the mark is never carried). Bounded: only known bits
+#: get here, and real payloads hold few patterns.
+_entry_picks: dict[int, Callable[[tuple[Any, ...]], tuple[Any, ...]]] = {}
+_ENTRY_REST = tuple(f.name for f in dataclasses.fields(Entry))[6:]
+_MAX_ENTRY_PICKS = 4096
+
+
+def _entry_pick(present: int) -> Callable[[tuple[Any, ...]], tuple[Any, ...]]:
+    pick = _entry_picks.get(present)
+    if pick is None:
+        none_index = RECORD_FIELDS
+        picks = [7 + OPTIONAL.index(name) if name in _BIT and present & _BIT[name] else none_index
+                 for name in _ENTRY_REST]
+        pick = operator.itemgetter(*picks)
+        if len(_entry_picks) < _MAX_ENTRY_PICKS:
+            _entry_picks[present] = pick
+    return pick
+
+
+def _entry(r: tuple[Any, ...]) -> Entry:
     family, proto, present = r[0], r[1], r[2]
-    assert isinstance(family, int) and isinstance(proto, int) and isinstance(present, int)
     if family == AF_INET:
         alen = 4
     elif family == AF_INET6:
@@ -174,15 +213,12 @@ def _entry(r: tuple[int | bytes, ...]) -> Entry:
         raise CodecError("unknown address family %d" % family)
     if present & ~_KNOWN:
         raise CodecError("unknown fields 0x%x" % (present & ~_KNOWN))
-    osrc, odst, rsrc, rdst = (bytes(x[:alen]) for x in r[3:7])  # type: ignore[index]
+    osrc, odst = r[3][:alen], r[4][:alen]
     if present & ADDRS_SWAPPED:
         rsrc, rdst = odst, osrc
-    values = r[7:]
-    e = Entry(family, proto, osrc, odst, rsrc, rdst)
-    for i, name in enumerate(OPTIONAL):
-        if present & (1 << i):
-            value = values[i]
-            setattr(e, name, value)
+    else:
+        rsrc, rdst = r[5][:alen], r[6][:alen]
+    e = Entry(family, proto, osrc, odst, rsrc, rdst, *_entry_pick(present)((*r, None)))
     if present & PORTS_SWAPPED:
         e.reply_sport, e.reply_dport = e.dport, e.sport
     if e.status is not None and e.status & IPS_EXPECTED:

@@ -8,13 +8,17 @@ with ``struct`` on flat buffers. Attribute numbers: SAVE_FORMAT.md §9 and
 
 from __future__ import annotations
 
+import dataclasses
+import operator
 import socket
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from .entry import (
     AF_INET,
+    AF_INET6,
     IPS_CONFIRMED,
     IPS_DST_NAT_DONE,
     IPS_SRC_NAT_DONE,
@@ -23,6 +27,7 @@ from .entry import (
     PROTO_ICMPV6,
     PROTO_SCTP,
     PROTO_TCP,
+    PROTO_UDP,
     STATUS_TEXT_MASK,
     TCP_STATE_TIME_WAIT,
     Entry,
@@ -255,6 +260,166 @@ def decode_entry(buf: bytes, off: int, end: int, family: int) -> Entry:
     return e
 
 
+# ------------------------------------------------- decoding by learned layout
+#
+# ctnetlink lays out every entry of a kind the same way: the same attributes,
+# nested the same, in the same order, at the same offsets (an established IPv4
+# TCP entry always looks alike; only the values differ). Walking the attributes
+# in Python costs ~9 µs an entry; so the first message of each layout is
+# walked once to learn it, and every later message of that length and family
+# is checked against it (all attribute headers, nested ones too, compared in
+# one go) and read with one precompiled ``struct`` unpack: ~3 µs. A message
+# whose headers differ from every learned layout is walked as before.
+
+#: (path of attribute types) -> (Entry field, struct code); absent paths are skipped.
+_LEAVES: dict[tuple[int, ...], tuple[str, str]] = {}
+for _t, _side in ((CTA_TUPLE_ORIG, ""), (CTA_TUPLE_REPLY, "reply_")):
+    _leaf_sides = {
+        (CTA_TUPLE_IP, CTA_IP_V4_SRC): ("orig_src" if not _side else "reply_src", "s"),
+        (CTA_TUPLE_IP, CTA_IP_V6_SRC): ("orig_src" if not _side else "reply_src", "s"),
+        (CTA_TUPLE_IP, CTA_IP_V4_DST): ("orig_dst" if not _side else "reply_dst", "s"),
+        (CTA_TUPLE_IP, CTA_IP_V6_DST): ("orig_dst" if not _side else "reply_dst", "s"),
+        (CTA_TUPLE_PROTO, CTA_PROTO_NUM): ("proto", "B"),
+        (CTA_TUPLE_PROTO, CTA_PROTO_SRC_PORT): (_side + "sport", "H"),
+        (CTA_TUPLE_PROTO, CTA_PROTO_DST_PORT): (_side + "dport", "H"),
+        (CTA_TUPLE_PROTO, CTA_PROTO_ICMP_ID): (_side + "icmp_id", "H"),
+        (CTA_TUPLE_PROTO, CTA_PROTO_ICMPV6_ID): (_side + "icmp_id", "H"),
+        (CTA_TUPLE_PROTO, CTA_PROTO_ICMP_TYPE): (_side + "icmp_type", "B"),
+        (CTA_TUPLE_PROTO, CTA_PROTO_ICMPV6_TYPE): (_side + "icmp_type", "B"),
+        (CTA_TUPLE_PROTO, CTA_PROTO_ICMP_CODE): (_side + "icmp_code", "B"),
+        (CTA_TUPLE_PROTO, CTA_PROTO_ICMPV6_CODE): (_side + "icmp_code", "B"),
+        (CTA_TUPLE_ZONE,): ("orig_zone" if not _side else "reply_zone", "H"),
+    }
+    for _path, _leaf in _leaf_sides.items():
+        _LEAVES[(_t, *_path)] = _leaf
+_LEAVES.update({
+    (CTA_STATUS,): ("status", "I"),
+    (CTA_TIMEOUT,): ("timeout", "I"),
+    (CTA_MARK,): ("mark", "I"),
+    (CTA_ZONE,): ("zone", "H"),
+    (CTA_LABELS,): ("labels", "s"),
+    (CTA_PROTOINFO, CTA_PROTOINFO_TCP, CTA_PROTOINFO_TCP_STATE): ("state", "B"),
+    (CTA_PROTOINFO, CTA_PROTOINFO_TCP, CTA_PROTOINFO_TCP_WSCALE_ORIGINAL): ("tcp_wscale_orig", "B"),
+    (CTA_PROTOINFO, CTA_PROTOINFO_TCP, CTA_PROTOINFO_TCP_WSCALE_REPLY): ("tcp_wscale_reply", "B"),
+    (CTA_PROTOINFO, CTA_PROTOINFO_TCP, CTA_PROTOINFO_TCP_FLAGS_ORIGINAL): ("tcp_flags_orig", "B"),
+    (CTA_PROTOINFO, CTA_PROTOINFO_TCP, CTA_PROTOINFO_TCP_FLAGS_REPLY): ("tcp_flags_reply", "B"),
+    (CTA_PROTOINFO, CTA_PROTOINFO_SCTP, CTA_PROTOINFO_SCTP_STATE): ("state", "B"),
+    (CTA_PROTOINFO, CTA_PROTOINFO_SCTP, CTA_PROTOINFO_SCTP_VTAG_ORIGINAL): ("vtag_orig", "I"),
+    (CTA_PROTOINFO, CTA_PROTOINFO_SCTP, CTA_PROTOINFO_SCTP_VTAG_REPLY): ("vtag_reply", "I"),
+    (CTA_PROTOINFO, CTA_PROTOINFO_DCCP, CTA_PROTOINFO_DCCP_STATE): ("state", "B"),
+    (CTA_PROTOINFO, CTA_PROTOINFO_DCCP, CTA_PROTOINFO_DCCP_ROLE): ("dccp_role", "B"),
+})
+#: Attribute paths the decoder descends into (every other attribute is a leaf).
+_NESTS = frozenset(path[:i] for path in _LEAVES for i in range(1, len(path)))
+_SIZES = {"B": 1, "H": 2, "I": 4}
+_ENTRY_FIELDS = tuple(f.name for f in dataclasses.fields(Entry))
+#: Values of fields a layout does not carry: what :func:`decode_entry` leaves there.
+_ABSENT: dict[str, Any] = {"proto": 0, "orig_src": b"", "orig_dst": b"", "reply_src": b"", "reply_dst": b""}
+#: Bounds on what is learned, whatever the kernel sends.
+MAX_LAYOUTS = 256
+MAX_LAYOUTS_PER_KEY = 4
+
+
+@dataclass(frozen=True, slots=True)
+class _Layout:
+    unpack: Callable[[bytes, int], tuple[Any, ...]]
+    heads_of: Callable[[tuple[Any, ...]], tuple[Any, ...]]
+    heads: tuple[Any, ...]
+    pick: Callable[[tuple[Any, ...]], tuple[Any, ...]]
+    tail: tuple[Any, ...]
+
+
+#: (message length, family) -> layouts learned for it.
+_layouts: dict[tuple[int, int], list[_Layout]] = {}
+
+
+def _walk(buf: bytes, off: int, end: int, path: tuple[int, ...], *,
+          heads: list[int], leaves: list[tuple[int, int, tuple[int, ...]]]) -> bool:
+    """Collect header offsets and leaves; False when an attribute overruns its parent."""
+    while off + 4 <= end:
+        alen, atype = _nla_from(buf, off)
+        if alen < 4 or off + alen > end:
+            return False
+        heads.append(off)
+        sub = (*path, atype & NLA_TYPE_MASK)
+        if sub in _NESTS:
+            if not _walk(buf, off + 4, off + alen, sub, heads=heads, leaves=leaves):
+                return False
+        else:
+            leaves.append((off + 4, alen - 4, sub))
+        off += (alen + 3) & ~3
+    return True
+
+
+def _learn(buf: bytes, start: int, end: int, family: int) -> _Layout | None:
+    """The layout of the message body ``buf[start:end]``, or None when it is irregular."""
+    heads: list[int] = []
+    leaves: list[tuple[int, int, tuple[int, ...]]] = []
+    if not _walk(buf, start, end, (), heads=heads, leaves=leaves):
+        return None
+    # (offset, struct code, Entry field or None for a header word to compare)
+    items: list[tuple[int, str, str | None]] = [(o, "I", None) for o in heads]
+    for o, ln, path in leaves:
+        leaf = _LEAVES.get(path)
+        if leaf is None:
+            continue  # an attribute we do not keep (id, use count, counters, ...)
+        name, kind = leaf
+        if kind != "s" and _SIZES[kind] > ln:
+            return None
+        items.append((o, "%ds" % ln if kind == "s" else kind, name))
+    # One big-endian struct over the whole body, pad bytes where nothing is read.
+    fmt: list[str] = [">"]
+    order: list[str | None] = []
+    pos = start
+    for o, code, slot in sorted(items, key=lambda it: it[0]):
+        if o < pos:
+            return None
+        if o > pos:
+            fmt.append("%dx" % (o - pos))
+        fmt.append(code)
+        order.append(slot)
+        pos = o + (int(code[:-1]) if code.endswith("s") else _SIZES[code])
+    if pos > end:
+        return None
+    unpack = struct.Struct("".join(fmt)).unpack_from
+    heads_pick = operator.itemgetter(*[i for i, name in enumerate(order) if name is None])
+    # The last occurrence wins for a repeated attribute, as in decode_entry().
+    slots = {name: i for i, name in enumerate(order) if name is not None}
+    tail: list[Any] = []
+    picks: list[int] = []
+    for fname in _ENTRY_FIELDS:
+        if fname in slots:
+            picks.append(slots[fname])
+        else:
+            picks.append(len(order) + len(tail))
+            tail.append(family if fname == "family" else _ABSENT.get(fname))
+    return _Layout(unpack, heads_pick, heads_pick(unpack(buf, start)),
+                   operator.itemgetter(*picks), tuple(tail))
+
+
+def decode_message(buf: bytes, off: int, mlen: int) -> Entry:
+    """Decode the IPCTNL_MSG_CT_NEW message at ``buf[off:off+mlen]`` into an entry.
+
+    Same result as :func:`decode_entry`, by a learned layout when one fits.
+
+    :raises ConntrackError: on a malformed attribute
+    """
+    family = buf[off + 16]
+    key = (mlen, family)
+    known = _layouts.get(key)
+    if known is not None:
+        for lay in known:
+            vals = lay.unpack(buf, off + 20)
+            if lay.heads_of(vals) == lay.heads:
+                return Entry(*lay.pick((*vals, *lay.tail)))
+    e = decode_entry(buf, off + 20, off + mlen, family)
+    if (known is None and len(_layouts) < MAX_LAYOUTS) or (known is not None and len(known) < MAX_LAYOUTS_PER_KEY):
+        learned = _learn(buf, off + 20, off + mlen, family)
+        if learned is not None:
+            _layouts.setdefault(key, []).append(learned)
+    return e
+
+
 @dataclass(slots=True)
 class DumpChunk:
     """What one received datagram of a dump held."""
@@ -282,7 +447,7 @@ def decode_dump(buf: bytes, size: int, seq: int, out: list[Entry]) -> DumpChunk:
             if mflags & NLM_F_DUMP_INTR:
                 chunk.interrupted = True
             if mtype == IPCTNL_MSG_CT_NEW and mlen >= 20:
-                out.append(decode_entry(buf, off + 20, off + mlen, buf[off + 16]))
+                out.append(decode_message(buf, off, mlen))
             elif mtype == NLMSG_DONE:
                 chunk.done = True
                 return chunk
@@ -383,6 +548,133 @@ def _nat_port(port: int | None) -> tuple[bytes, ...]:
     return (_nest(CTA_NAT_PROTO, _be16(CTA_PROTONAT_PORT_MIN, port)),)
 
 
+# ------------------------------------ create requests of the common shape
+#
+# Most entries a VM has are TCP or UDP without NAT, zones or labels, and every
+# such request has the same attributes at the same offsets for a given family,
+# protocol and window-scale presence. One precompiled struct per shape packs
+# the whole body, with the attribute headers as constants, instead of ~20
+# small byte strings joined: ~2 µs an entry instead of ~7. Everything else
+# goes through create_request()'s general path; tests hold both to the same
+# bytes.
+
+
+def _header_word(length: int, atype: int) -> int:
+    """An attribute header (host order) as the big-endian word the shape's struct packs."""
+    return int.from_bytes(_NLA.pack(length, atype), "big")
+
+
+@dataclass(frozen=True, slots=True)
+class _Shape:
+    pack: Callable[..., bytes]
+    pick: Callable[[tuple[Any, ...]], tuple[Any, ...]]
+    consts: tuple[int, ...]
+    size: int
+
+
+def _build_shape(family: int, proto: int, wscale: bool) -> _Shape:
+    alen = 4 if family == AF_INET else 16
+    src_t, dst_t = (CTA_IP_V4_SRC, CTA_IP_V4_DST) if family == AF_INET else (CTA_IP_V6_SRC, CTA_IP_V6_DST)
+    # (struct code, constant or None for the next value); "B3x"/"H2x" carry their padding.
+    parts: list[tuple[str, int | None]] = [("I", family << 24)]  # nfgenmsg: family, version 0, res_id 0
+
+    def hdr(length: int, atype: int) -> None:
+        parts.append(("I", _header_word(length, atype)))
+
+    ip_len, proto_len = 4 + 2 * (4 + alen), 4 + 3 * 8
+    for side in (CTA_TUPLE_ORIG, CTA_TUPLE_REPLY):
+        hdr(4 + ip_len + proto_len, side | NLA_F_NESTED)
+        hdr(ip_len, CTA_TUPLE_IP | NLA_F_NESTED)
+        hdr(4 + alen, src_t)
+        parts.append(("%ds" % alen, None))
+        hdr(4 + alen, dst_t)
+        parts.append(("%ds" % alen, None))
+        hdr(proto_len, CTA_TUPLE_PROTO | NLA_F_NESTED)
+        hdr(5, CTA_PROTO_NUM)
+        parts.append(("B3x", None))
+        hdr(6, CTA_PROTO_SRC_PORT)
+        parts.append(("H2x", None))
+        hdr(6, CTA_PROTO_DST_PORT)
+        parts.append(("H2x", None))
+    for atype in (CTA_STATUS, CTA_TIMEOUT, CTA_MARK):
+        hdr(8, atype)
+        parts.append(("I", None))
+    if proto == PROTO_TCP:
+        tcp_len = 4 + 8 + (16 if wscale else 0) + 16
+        hdr(4 + tcp_len, CTA_PROTOINFO | NLA_F_NESTED)
+        hdr(tcp_len, CTA_PROTOINFO_TCP | NLA_F_NESTED)
+        hdr(5, CTA_PROTOINFO_TCP_STATE)
+        parts.append(("B3x", None))
+        if wscale:
+            for atype in (CTA_PROTOINFO_TCP_WSCALE_ORIGINAL, CTA_PROTOINFO_TCP_WSCALE_REPLY):
+                hdr(5, atype)
+                parts.append(("B3x", None))
+        for atype in (CTA_PROTOINFO_TCP_FLAGS_ORIGINAL, CTA_PROTOINFO_TCP_FLAGS_REPLY):
+            hdr(6, atype)
+            parts.append(("B", None))  # flags
+            parts.append(("B2x", None))  # mask
+    codec = struct.Struct(">" + "".join(code for code, _ in parts))
+    consts = tuple(c for _, c in parts if c is not None)
+    nvalues = sum(1 for _, c in parts if c is None)
+    picks, v, k = [], 0, nvalues
+    for _, c in parts:
+        if c is None:
+            picks.append(v)
+            v += 1
+        else:
+            picks.append(k)
+            k += 1
+    return _Shape(codec.pack, operator.itemgetter(*picks), consts, 16 + codec.size)
+
+
+_SHAPES: dict[tuple[int, int, bool], _Shape] = {
+    (family, proto, wscale): _build_shape(family, proto, wscale)
+    for family in (AF_INET, AF_INET6) for proto in (PROTO_TCP, PROTO_UDP) for wscale in (False, True)
+    if proto == PROTO_TCP or not wscale
+}
+_CREATE_FLAGS = NLM_F_REQUEST | NLM_F_CREATE | NLM_F_EXCL
+
+
+def _create_common(e: Entry, mark: int, seq: int, ack: bool) -> bytes | None:
+    """create_request() for the common shape, or None when ``e`` is not of it."""
+    proto, sport, dport, osrc, odst = e.proto, e.sport, e.dport, e.orig_src, e.orig_dst
+    if (e.reply_src != odst or e.reply_dst != osrc or sport is None or dport is None
+            or e.reply_sport != dport or e.reply_dport != sport or e.status is None or e.timeout is None
+            or e.zone is not None or e.orig_zone is not None or e.reply_zone is not None or e.labels):
+        return None
+    status = (e.status & STATUS_TEXT_MASK) | IPS_CONFIRMED
+    if proto == PROTO_UDP:
+        shape = _SHAPES.get((e.family, proto, False))
+        if shape is None:
+            return None
+        values: tuple[Any, ...] = (osrc, odst, proto, sport, dport, odst, osrc, proto, dport, sport,
+                                   status, e.timeout, mark)
+    elif proto == PROTO_TCP:
+        state, wso, wsr = e.state, e.tcp_wscale_orig, e.tcp_wscale_reply
+        wscale = wso is not None
+        if state is None or wscale != (wsr is not None):
+            return None
+        shape = _SHAPES.get((e.family, proto, wscale))
+        if shape is None:
+            return None
+        if e.tcp_flags_orig is not None and e.tcp_flags_reply is not None:
+            fo, fr = e.tcp_flags_orig, e.tcp_flags_reply
+        else:
+            fo = TCP_FLAG_BE_LIBERAL | TCP_FLAG_SACK_PERM
+            if state >= TCP_STATE_TIME_WAIT:
+                fo |= TCP_FLAG_CLOSE_INIT
+            fr = fo
+        values = (osrc, odst, proto, sport, dport, odst, osrc, proto, dport, sport, status, e.timeout, mark,
+                  state, *((wso, wsr) if wscale else ()), fo, fo, fr, fr)
+    else:
+        return None
+    if len(osrc) != (4 if e.family == AF_INET else 16) or len(odst) != len(osrc):
+        return None
+    flags = _CREATE_FLAGS | NLM_F_ACK if ack else _CREATE_FLAGS
+    return (_NLMSGHDR.pack(shape.size, IPCTNL_MSG_CT_NEW, flags, seq, 0)
+            + shape.pack(*shape.pick((*values, *shape.consts))))
+
+
 def create_request(e: Entry, mark: int, seq: int, ack: bool) -> bytes:
     """A CT_NEW request that creates ``e`` with ``mark``, never touching an existing entry.
 
@@ -396,6 +688,14 @@ def create_request(e: Entry, mark: int, seq: int, ack: bool) -> bytes:
     :param seq: sequence number that identifies this request's error reply
     :param ack: ask for an acknowledgement even on success
     """
+    common = _create_common(e, mark, seq, ack)
+    if common is not None:
+        return common
+    return create_request_general(e, mark, seq, ack)
+
+
+def create_request_general(e: Entry, mark: int, seq: int, ack: bool) -> bytes:
+    """create_request() for any entry, attribute by attribute (the reference)."""
     zero = b"\0" * len(e.orig_src)
     snat, dnat = e.is_snat(), e.is_dnat()
     # With the kernel's own NAT bits (from a dump, carried by the compact

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 
 import pytest
@@ -9,7 +10,7 @@ import pytest
 from pvevmstate import codec, nlmsg
 from pvevmstate.entry import IPS_CONFIRMED, Entry
 from pvevmstate.errors import ConntrackError
-from tests.support import example_lines
+from tests.support import example_lines, realistic_lines
 
 
 def _decode_request(req: bytes) -> Entry:
@@ -87,3 +88,76 @@ def test_dump_request_always_sends_mark_with_full_mask() -> None:
     req = nlmsg.dump_request(9, 0)
     assert struct.pack("!I", 0) in req and struct.pack("!I", 0xFFFFFFFF) in req
     assert req[16] == 0  # AF_UNSPEC: IPv4 and IPv6
+
+
+# ------------------------------------------- learned layouts, common shapes
+
+def _as_dump_message(e: Entry, seq: int = 1) -> bytes:
+    """A create request re-typed as a dump reply: the layout a kernel dump uses for it."""
+    req = nlmsg.create_request_general(e, e.mark or 100, seq, ack=False)
+    return struct.pack("=IHHII", len(req), nlmsg.IPCTNL_MSG_CT_NEW, nlmsg.NLM_F_MULTI, seq, 0) + req[16:]
+
+
+def _variants() -> list[Entry]:
+    """Example and realistic entries, plus TCP details only a dump has."""
+    entries = [codec.parse_line(ln) for ln in example_lines() + realistic_lines(300, seed=3)]
+    for i, e in enumerate(list(entries)):
+        if e.proto == 6 and e.state is not None and i % 3 == 0:
+            entries.append(dataclasses.replace(e, tcp_wscale_orig=7, tcp_wscale_reply=9,
+                                               tcp_flags_orig=0x23, tcp_flags_reply=0x2B))
+        if i % 7 == 0:
+            entries.append(dataclasses.replace(e, labels=bytes(range(16))))
+        if i % 11 == 0:
+            entries.append(dataclasses.replace(e, zone=3))
+    return entries
+
+
+def test_learned_layout_decodes_like_the_attribute_walk() -> None:
+    nlmsg._layouts.clear()
+    for e in _variants():
+        msg = _as_dump_message(e)
+        walked = nlmsg.decode_entry(msg, 20, len(msg), msg[16])
+        assert nlmsg.decode_message(msg, 0, len(msg)) == walked  # learns
+        assert nlmsg.decode_message(msg, 0, len(msg)) == walked  # by the layout
+    assert nlmsg._layouts, "no layout was learned"
+
+
+def test_same_length_other_layout_is_not_misread() -> None:
+    # Two messages of one length and family whose attributes differ: the second
+    # must not be read with the first one's layout.
+    nlmsg._layouts.clear()
+    tcp = codec.parse_line(example_lines()[0])
+    a = _as_dump_message(dataclasses.replace(tcp, zone=None, timeout=100, mark=100))
+    body = bytearray(a)
+    # Swap the CTA_TIMEOUT and CTA_MARK attributes: same sizes, other order.
+    t_at = body.index(struct.pack("=HH", 8, nlmsg.CTA_TIMEOUT) + struct.pack("!I", 100))
+    m_at = body.index(struct.pack("=HH", 8, nlmsg.CTA_MARK) + struct.pack("!I", 100))
+    body[t_at:t_at + 8], body[m_at:m_at + 8] = body[m_at:m_at + 8], body[t_at:t_at + 8]
+    body[t_at + 4:t_at + 8] = struct.pack("!I", 200)  # now the mark, and a different one
+    b = bytes(body)
+    assert len(a) == len(b)
+    nlmsg.decode_message(a, 0, len(a))
+    got = nlmsg.decode_message(b, 0, len(b))
+    assert got == nlmsg.decode_entry(b, 20, len(b), b[16])
+    assert got.mark == 200 and got.timeout == 100
+
+
+def test_layouts_stay_bounded() -> None:
+    nlmsg._layouts.clear()
+    e = codec.parse_line(example_lines()[0])
+    for length in range(nlmsg.MAX_LAYOUTS + 50):
+        msg = _as_dump_message(dataclasses.replace(e, labels=bytes(4 * (length % 40 + 1))))
+        pad = struct.pack("=HH", 4 + 4 * (length // 40 + 1), 30) + bytes(4 * (length // 40 + 1))
+        msg = struct.pack("=I", len(msg) + len(pad)) + msg[4:] + pad
+        nlmsg.decode_message(msg, 0, len(msg))
+    assert len(nlmsg._layouts) <= nlmsg.MAX_LAYOUTS
+    assert all(len(v) <= nlmsg.MAX_LAYOUTS_PER_KEY for v in nlmsg._layouts.values())
+
+
+def test_common_shape_builds_the_same_bytes_as_the_general_path() -> None:
+    fast = 0
+    for i, e in enumerate(_variants()):
+        for ack in (False, True):
+            assert nlmsg.create_request(e, 100, i, ack) == nlmsg.create_request_general(e, 100, i, ack), e
+        fast += nlmsg._create_common(e, 100, i, False) is not None
+    assert fast > 200  # the common shape is the common case
