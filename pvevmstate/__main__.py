@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import re
 import sys
 from typing import NoReturn
@@ -71,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--qmp-timeout", type=seconds, default=DEFAULT_TIMEOUT, metavar="SECONDS",
                         help="give up on a QMP step (connect, greeting, command) after this long; the "
                              "monitor serves one client at a time (default: %(default)g)")
+    parser.add_argument("--cleanup", action="store_true",
+                        help="do not serve: remove the VM's dbus-vmstate object from QEMU if a helper "
+                             "that ended without removing it (killed) left it there; the unit runs this "
+                             "as ExecStopPost")
     parser.add_argument("--debug", action="store_true", help="log at debug level, with tracebacks")
     parser.add_argument("--version", action="version", version="%(prog)s " + __version__)
     return parser
@@ -78,9 +83,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script and of ``python3 -m pvevmstate``."""
+    from . import cleanup
+
+    argv = sys.argv[1:] if argv is None else argv
+    if "--cleanup" in argv and not cleanup.needed(os.environ):
+        return 0  # before parsing: a bad VMID already had its one journal line
     args = build_parser().parse_args(argv)
     logsetup.configure(debug=args.debug)
     from .daemon import Daemon, Settings
+
+    if args.cleanup:
+        from .qemu import default_qmp_socket
+        return cleanup.run(args.vmid, args.qmp_socket or default_qmp_socket(args.vmid), args.qmp_timeout)
 
     settings = Settings(vmid=args.vmid, linger=args.linger, qmp_socket=args.qmp_socket or "",
                         qmp_timeout=args.qmp_timeout, payload_format=args.format)

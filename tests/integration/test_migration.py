@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,10 +23,12 @@ import pytest
 from pvevmstate.codec import MAX_PAYLOAD
 from tests import client
 from tests.support import (
+    REPO,
     Helper,
     Netns,
     PrivateBus,
     Qemu,
+    helper_command,
     start_policy_bus,
     strip_timeout,
     synthetic_lines,
@@ -207,3 +210,42 @@ def test_failed_migration_after_save_leaves_no_object_on_the_source(nodes: Any, 
     assert not client.has_owner(client.vm(100), address=source.bus.address)
     # Its entries are still in the source table, as they were.
     assert len(source.ns.save_lines(100)) == 100
+
+
+def test_left_over_object_then_a_migration_without_helpers(nodes: Any, tmp_path: Path, qemu_factory: Factory,
+                                                           helper_factory: Factory) -> None:
+    # PROTOCOL.md §3: a left-over object from an earlier failed run, then a
+    # migration without conntrack state: the source sends the section, the
+    # destination has no object for it and exits. First the crash, for real.
+    source, _target = nodes
+    src_qemu = qemu_factory("src", machine="pc")
+    helper = helper_factory(source.ns, 100, bus=source.bus, qemu=src_qemu)
+    helper.signal(signal.SIGKILL)  # the failed run: no chance to clean up
+    helper.wait_exit()
+    assert "pve-vmstate" in src_qemu.objects()
+
+    def migrate_plainly(name: str) -> tuple[str, Qemu]:
+        path = tmp_path / ("%s.sock" % name)
+        dst = qemu_factory(name, machine="pc", incoming="unix:%s" % path, paused=True)
+        wait_until(path.exists, 10, "the destination to listen")
+        src_qemu.qmp("migrate", uri="unix:%s" % path)
+        done = {"completed", "failed", "cancelled"}
+        wait_until(lambda: src_qemu.migration().get("status") in done, MIGRATION_TIMEOUT, "migration", 0.1)
+        return str(src_qemu.migration()["status"]), dst
+
+    status, dst = migrate_plainly("dst-crashed")
+    wait_until(lambda: dst.proc.poll() is not None, 30, "the destination QEMU to exit")
+    assert dst.proc.returncode != 0
+    assert status == "failed"
+    assert src_qemu.status() == "running"
+
+    # What the unit's ExecStopPost runs after a killed helper.
+    out = subprocess.run(helper_command(None, "100", "--cleanup", "--qmp-socket", str(src_qemu.qmp_path)),
+                         env=dict(os.environ, PYTHONPATH=str(REPO), EXIT_CODE="killed"),
+                         capture_output=True, text=True, timeout=30, check=False)
+    assert out.returncode == 0 and "removed the dbus-vmstate object" in out.stderr
+    status, dst = migrate_plainly("dst-clean")
+    assert status == "completed"
+    wait_until(lambda: dst.status() != "inmigrate", 30, "the destination to leave inmigrate")
+    dst.qmp("cont")
+    assert dst.status() == "running"

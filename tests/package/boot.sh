@@ -7,7 +7,9 @@
 #   - nobody is refused by the real system bus with the installed policy;
 #   - Quit and `systemctl stop` remove the QEMU object;
 #   - a start without QEMU and a bad VMID fail with one error line, and the
-#     failed instance does not keep the VM's scope loaded (CollectMode).
+#     failed instance does not keep the VM's scope loaded (CollectMode);
+#   - a killed helper's object is removed by ExecStopPost;
+#   - stopping the bus stops the helper first (the order at host shutdown).
 # Needs root and systemd-nspawn (package systemd-container).
 set -euo pipefail
 root=${TRIXIE_ROOT:-/var/tmp/pvevmstate-trixie}
@@ -121,5 +123,22 @@ ct systemctl start pve-dbus-vmstate@12 2>/dev/null && fail "bad VMID started"
 journal pve-dbus-vmstate@12 | grep -q "^3 pve-dbus-vmstate: argument VMID: invalid VMID '12'" || fail "bad VMID line"
 [ "$(journal pve-dbus-vmstate@12 | wc -l)" = 1 ] || fail "one line for a bad VMID"
 ct journalctl -b -u pve-dbus-vmstate@12 --no-pager | grep -q 'status=2/INVALIDARGUMENT' || fail "exit status 2"
+
+echo "--- a killed helper: ExecStopPost removes the object it left" >&2
+ct systemctl start pve-dbus-vmstate@100 || fail "start before the kill"
+ct systemctl kill -s SIGKILL pve-dbus-vmstate@100
+for _ in $(seq 100); do ct systemctl is-active -q pve-dbus-vmstate@100 || break; sleep 0.1; done
+objects 100 | grep -qw pve-vmstate && fail "object left after a killed helper"
+journal pve-dbus-vmstate@100 | grep -q '^4 cleanup: removed the dbus-vmstate object the helper of VM 100 left' \
+    || fail "cleanup line"
+
+# Last: it takes the bus away.
+echo "--- shutdown order: stopping the bus stops the helper first" >&2
+ct systemctl start pve-dbus-vmstate@100 || fail "start before stopping the bus"
+ct systemctl stop dbus.socket dbus.service
+ct systemctl is-active -q pve-dbus-vmstate@100 && fail "the helper outlived the bus"
+journal pve-dbus-vmstate@100 | grep -q 'connection to the system bus was lost' && fail "the bus went first"
+journal pve-dbus-vmstate@100 | tail -n 1 | grep -q '^6 helper for VM 100 exiting: SIGTERM' || fail "clean exit"
+objects 100 | grep -qw pve-vmstate && fail "object left when the bus stopped"
 
 echo "unit checks passed under systemd in a booted trixie container" >&2

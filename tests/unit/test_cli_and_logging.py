@@ -8,7 +8,7 @@ import logging
 import pytest
 
 from pvevmstate import __main__ as cli
-from pvevmstate import logsetup
+from pvevmstate import cleanup, logsetup
 
 
 @pytest.mark.parametrize("text", ["100", "101", "4711", "999999999"])
@@ -60,3 +60,18 @@ def test_console_script_points_at_main() -> None:
 
     project = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())
     assert project["project"]["scripts"]["pve-dbus-vmstate"] == "pvevmstate.__main__:main"
+
+
+def test_cleanup_is_silent_after_a_helper_that_exited(capsys: pytest.CaptureFixture[str],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    # As ExecStopPost after a bad VMID: the helper's one error line stays the only one.
+    monkeypatch.setenv("EXIT_CODE", "exited")
+    assert cli.main(["--cleanup", "12"]) == 0
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize(("environ", "needed"), [
+    ({}, True), ({"EXIT_CODE": "killed"}, True), ({"EXIT_CODE": "dumped"}, True), ({"EXIT_CODE": "exited"}, False),
+])
+def test_cleanup_needed_unless_the_helper_exited(environ: dict[str, str], needed: bool) -> None:
+    assert cleanup.needed(environ) is needed
