@@ -72,7 +72,7 @@ def test_one_refused_line_costs_only_itself(netns_factory: Factory, helper_facto
     # On the destination, entry 50 exists already (assured) under the VM's mark.
     dst.load([lines[50]], mark=100)
     expected = "-A -t 100 -u EXPECTED -s 10.9.9.1 -d 10.9.9.2 -r 10.9.9.2 -q 10.9.9.1 -p udp --sport 1 --dport 2"
-    payload = "".join("%s --mark 100\n" % ln for ln in lines[:10] + [expected] + lines[10:])
+    payload = "".join("%s --mark 100\n" % ln for ln in [*lines[:10], expected, *lines[10:]])
     helper_factory(dst, 100)
     client.load(client.vm(100), payload.encode())
     # conntrack --load-file would have stopped at line 11: here only the EXPECTED
