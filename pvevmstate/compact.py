@@ -57,7 +57,7 @@ VERSION = 1
 COMPRESSION_ZLIB = 1
 HEADER = struct.Struct("<4sBBHI")
 RECORD = struct.Struct("<BBI16s16s16s16sHHHHBBHBBHIIHHHBBIIBBBB16s")
-RECORD_FIELDS = 31
+RECORD_FIELDS = len(RECORD.unpack(bytes(RECORD.size)))
 #: Most records one payload may hold (~26 MB inflated, ~0.5 s to decode).
 MAX_RECORDS = 200_000
 #: zlib level: 6 compresses typical tables ~10 % better than 1 at twice the time,
@@ -91,6 +91,7 @@ _NONE_TYPE = type(None)
 #: field is absent. Entries of a table share a handful of patterns, and
 #: looking one up is much cheaper than testing 24 fields one by one.
 _patterns: dict[tuple[type, ...], tuple[int, Callable[[tuple[Any, ...]], tuple[Any, ...]]]] = {}
+_MAX_PATTERNS = 4096
 
 
 def _pattern(types: tuple[type, ...]) -> tuple[int, Callable[[tuple[Any, ...]], tuple[Any, ...]]]:
@@ -103,7 +104,9 @@ def _pattern(types: tuple[type, ...]) -> tuple[int, Callable[[tuple[Any, ...]], 
         else:
             present |= _BIT[name]
             picks.append(i)
-    found = _patterns[types] = (present, operator.itemgetter(*picks))
+    found = (present, operator.itemgetter(*picks))
+    if len(_patterns) < _MAX_PATTERNS:
+        _patterns[types] = found
     return found
 
 
