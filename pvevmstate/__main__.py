@@ -92,12 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     logsetup.configure(debug=args.debug)
     from .daemon import Daemon, Settings
 
-    if args.cleanup:
-        from .qemu import default_qmp_socket
-        return cleanup.run(args.vmid, args.qmp_socket or default_qmp_socket(args.vmid), args.qmp_timeout)
-
     settings = Settings(vmid=args.vmid, linger=args.linger, qmp_socket=args.qmp_socket or "",
                         qmp_timeout=args.qmp_timeout, payload_format=args.format)
+    if args.cleanup:
+        return cleanup.run(settings)
     return asyncio.run(Daemon(settings).run())
 
 

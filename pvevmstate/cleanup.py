@@ -13,11 +13,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
-from .dbus_api import helper_id
 from .errors import QMPError
-from .qemu import QemuObject
-from .qmp import QMPClient
+
+if TYPE_CHECKING:  # the daemon module pulls in sdbus; --cleanup's quick exit needs none of it
+    from .daemon import Settings
 
 log = logging.getLogger(__name__)
 
@@ -34,13 +35,15 @@ def needed(environ: Mapping[str, str]) -> bool:
     return environ.get("EXIT_CODE", "killed") != "exited"
 
 
-def run(vmid: int, qmp_socket: str, timeout: float) -> int:
-    """Remove VM ``vmid``'s ``pve-vmstate`` object if QEMU still has it.
+def run(settings: Settings) -> int:
+    """Remove the VM's ``pve-vmstate`` object if QEMU still has it.
 
+    :param settings: the VMID, the QMP socket and timeout, as the helper had them
     :returns: 0 always (a cleanup that cannot reach QEMU has nothing to clean);
         what happened is in the journal
     """
-    qemu = QemuObject(qmp_socket, "", helper_id(vmid), lambda path: QMPClient(path, timeout))
+    vmid = settings.vmid
+    qemu = settings.qemu_object("")  # removing needs no bus address
     try:
         removed = asyncio.run(qemu.remove())
     except QMPError as err:

@@ -105,6 +105,14 @@ class Settings:
         """The VM's QMP socket."""
         return self.qmp_socket or default_qmp_socket(self.vmid)
 
+    def qemu_object(self, bus_address: str) -> QemuObject:
+        """The VM's ``dbus-vmstate`` object, reached through :attr:`monitor`.
+
+        :param bus_address: the bus QEMU is to call the helper on (only used to add it)
+        """
+        timeout = self.qmp_timeout
+        return QemuObject(self.monitor, bus_address, helper_id(self.vmid), lambda path: QMPClient(path, timeout))
+
 
 class Daemon:
     """One helper process for one VM.
@@ -125,9 +133,7 @@ class Daemon:
         self.settings = settings
         self._bus_factory = bus_factory
         self._backend_factory = backend_factory
-        self.qemu = qemu or QemuObject(settings.monitor, settings.bus_address or system_bus_address(),
-                                       helper_id(settings.vmid),
-                                       lambda path: QMPClient(path, settings.qmp_timeout))
+        self.qemu = qemu or settings.qemu_object(settings.bus_address or system_bus_address())
         self._stop: asyncio.Event | None = None
         self._reason = ""
         self._exit = EXIT_OK
