@@ -150,8 +150,8 @@ class VMStateService(VMState1Interface, VMStateHelperInterface):
         self._started()
         try:
             report = await self._state.save()
-            await self._count(report.sent)
-            return report.payload
+            await self._count(report.encoded.sent)
+            return report.encoded.data
         finally:
             self._answered("Save")
 

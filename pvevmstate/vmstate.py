@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import Counter
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -34,13 +33,10 @@ class ConntrackBackend(Protocol):
 
 @dataclass(slots=True)
 class SaveReport:
-    """What one Save produced."""
+    """What one Save produced: the encoded payload and what went into it."""
 
-    payload: bytes
-    format: str
+    encoded: payload.Payload
     dumped: int
-    sent: int
-    left_out: Counter[str]
     ms: float
 
 
@@ -77,8 +73,7 @@ class VMState:
         t0 = time.perf_counter()
         entries = self._backend.dump(self.vmid)
         out = payload.encode(entries, self.vmid, self._limit, self._format)
-        return SaveReport(out.data, out.format, len(entries), out.sent, out.left_out,
-                          (time.perf_counter() - t0) * 1000)
+        return SaveReport(out, len(entries), (time.perf_counter() - t0) * 1000)
 
     def _load(self, data: bytes) -> LoadReport:
         t0 = time.perf_counter()
@@ -94,14 +89,15 @@ class VMState:
         """
         async with self._lock:
             report = await asyncio.to_thread(self._save)
-        left_out = sum(report.left_out.values())
+        out = report.encoded
+        left_out = out.left_out_total
         level = logging.WARNING if left_out else logging.INFO
         log.log(level, "Save: %d entries with mark %d, sent %d in %d bytes as %s (limit %d), left out %d, "
-                "%.1f ms", report.dumped, self.vmid, report.sent, len(report.payload), report.format,
+                "%.1f ms", report.dumped, self.vmid, out.sent, len(out.data), out.format,
                 self._limit, left_out, report.ms)
         if left_out:
             log.warning("Save: left out by class: %s", ", ".join(
-                "%d %s" % (report.left_out[c], c) for c in payload.CLASSES if report.left_out[c]))
+                "%d %s" % (out.left_out[c], c) for c in payload.CLASSES if out.left_out[c]))
         return report
 
     async def load(self, data: bytes) -> LoadReport:
