@@ -436,6 +436,14 @@ def helper_factory(tmp_path: Path, system_bus: PrivateBus, qemu_factory: Any) ->
             helper.stop()
 
 
+def run_cleanup(qemu: Qemu, vmid: int = 100, exit_code: str = "killed") -> tuple[int, str]:
+    """``pve-dbus-vmstate --cleanup VMID`` as the unit's ExecStopPost runs it: (status, stderr)."""
+    out = subprocess.run(helper_command(None, str(vmid), "--cleanup", "--qmp-socket", str(qemu.qmp_path)),
+                         env=dict(os.environ, PYTHONPATH=str(REPO), EXIT_CODE=exit_code),
+                         capture_output=True, text=True, timeout=30, check=False)
+    return out.returncode, out.stderr
+
+
 # ------------------------------------------------------------------ client
 
 

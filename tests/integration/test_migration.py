@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,12 +22,11 @@ import pytest
 from pvevmstate.codec import MAX_PAYLOAD
 from tests import client
 from tests.support import (
-    REPO,
     Helper,
     Netns,
     PrivateBus,
     Qemu,
-    helper_command,
+    run_cleanup,
     start_policy_bus,
     strip_timeout,
     synthetic_lines,
@@ -240,10 +238,8 @@ def test_left_over_object_then_a_migration_without_helpers(nodes: Any, tmp_path:
     assert src_qemu.status() == "running"
 
     # What the unit's ExecStopPost runs after a killed helper.
-    out = subprocess.run(helper_command(None, "100", "--cleanup", "--qmp-socket", str(src_qemu.qmp_path)),
-                         env=dict(os.environ, PYTHONPATH=str(REPO), EXIT_CODE="killed"),
-                         capture_output=True, text=True, timeout=30, check=False)
-    assert out.returncode == 0 and "removed the dbus-vmstate object" in out.stderr
+    code, err = run_cleanup(src_qemu)
+    assert code == 0 and "removed the dbus-vmstate object" in err
     status, dst = migrate_plainly("dst-clean")
     assert status == "completed"
     wait_until(lambda: dst.status() != "inmigrate", 30, "the destination to leave inmigrate")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import subprocess
@@ -10,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from tests import client
-from tests.support import REPO, PrivateBus, Qemu, helper_command, wait_until
+from tests.support import PrivateBus, Qemu, helper_command, run_cleanup, wait_until
 
 VMID = 100
 Factory = Any
@@ -136,15 +135,6 @@ def test_load_on_a_running_vm_removes_the_object(netns_factory: Factory, helper_
     assert "incoming migration finished, VM is running" in helper.journal()
 
 
-def _cleanup(qemu: Qemu, exit_code: str = "killed") -> tuple[int, str]:
-    """``pve-dbus-vmstate --cleanup`` as the unit's ExecStopPost runs it."""
-    out = subprocess.run(helper_command(None, str(VMID), "--cleanup", "--qmp-socket", str(qemu.qmp_path)),
-                         env=dict(os.environ, PYTHONPATH=str(REPO), EXIT_CODE=exit_code),
-                         capture_output=True, text=True,
-                         timeout=30, check=False)
-    return out.returncode, out.stderr
-
-
 def test_cleanup_removes_the_object_a_killed_helper_left(netns_factory: Factory, helper_factory: Factory,
                                                         qemu_factory: Factory) -> None:
     qemu = qemu_factory("vm")
@@ -153,12 +143,12 @@ def test_cleanup_removes_the_object_a_killed_helper_left(netns_factory: Factory,
     helper.wait_exit()
     assert "pve-vmstate" in qemu.objects()  # what a killed helper leaves
     # After a helper that exited by itself, the cleanup does nothing at all.
-    assert _cleanup(qemu, "exited") == (0, "")
+    assert run_cleanup(qemu, exit_code="exited") == (0, "")
     assert "pve-vmstate" in qemu.objects()
-    code, err = _cleanup(qemu)
+    code, err = run_cleanup(qemu)
     assert code == 0 and "pve-vmstate" not in qemu.objects()
     assert err == "<4>cleanup: removed the dbus-vmstate object the helper of VM 100 left behind\n"
-    assert _cleanup(qemu) == (0, "<6>cleanup: the QEMU of VM 100 holds no dbus-vmstate object\n")
+    assert run_cleanup(qemu) == (0, "<6>cleanup: the QEMU of VM 100 holds no dbus-vmstate object\n")
     qemu.stop()
-    code, err = _cleanup(qemu)
+    code, err = run_cleanup(qemu)
     assert code == 0 and err.startswith("<6>cleanup: nothing removed from the QEMU of VM 100: ")
