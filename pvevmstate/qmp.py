@@ -29,6 +29,12 @@ log = logging.getLogger(__name__)
 DEFAULT_TIMEOUT = 10.0
 #: Longest QMP message we accept; replies we ask for are a few hundred bytes.
 MAX_MESSAGE = 1 << 20
+#: How long a refused connection is retried. QEMU's monitor can refuse for a
+#: moment while it re-arms after another client (qemu-server, a probe) left;
+#: a QEMU that is gone leaves a socket that refuses for good, and that must
+#: still be reported quickly. First retry interval, and the longest.
+REFUSED_RETRY = 1.0
+REFUSED_FIRST, REFUSED_MAX = 0.02, 0.2
 
 
 class QMPClient:
@@ -61,13 +67,23 @@ class QMPClient:
             does not greet in time (another client holds the monitor), or the
             peer does not speak QMP
         """
-        try:
-            self._reader, self._writer = await asyncio.wait_for(
-                asyncio.open_unix_connection(self.path, limit=MAX_MESSAGE), self.timeout)
-        except TimeoutError as err:
-            raise QMPConnectError("connecting to %s timed out" % self.path) from err
-        except OSError as err:
-            raise QMPConnectError("cannot connect to %s: %s" % (self.path, err.strerror or err)) from err
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + REFUSED_RETRY
+        interval = REFUSED_FIRST
+        while True:
+            try:
+                self._reader, self._writer = await asyncio.wait_for(
+                    asyncio.open_unix_connection(self.path, limit=MAX_MESSAGE), self.timeout)
+                break
+            except TimeoutError as err:
+                raise QMPConnectError("connecting to %s timed out" % self.path) from err
+            except ConnectionRefusedError as err:
+                if loop.time() + interval > give_up:
+                    raise QMPConnectError("cannot connect to %s: %s" % (self.path, err.strerror or err)) from err
+                await asyncio.sleep(interval)
+                interval = min(interval * 2, REFUSED_MAX)
+            except OSError as err:
+                raise QMPConnectError("cannot connect to %s: %s" % (self.path, err.strerror or err)) from err
         try:
             greeting = await self._receive("the greeting", QMPConnectError)
             if not isinstance(greeting.get("QMP"), dict):

@@ -331,13 +331,15 @@ def start_qemu(directory: Path, name: str, *, machine: str = "none", incoming: s
     def up() -> bool:
         if proc.poll() is not None:
             raise RuntimeError("QEMU %s exited with %s: %s" % (name, proc.returncode, log.read_text()))
-        # The socket file appears at bind(), before QEMU listens: try to connect.
+        # The socket file appears at bind(), before QEMU listens, and QEMU may
+        # accept before its monitor runs: up means it greeted.
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            probe.settimeout(5)
             try:
                 probe.connect(str(qmp_path))
-            except (FileNotFoundError, ConnectionRefusedError):
+                return b'"QMP"' in probe.recv(4096)
+            except (FileNotFoundError, ConnectionRefusedError, TimeoutError):
                 return False
-        return True
     wait_until(up, 30, "QEMU %s to open its QMP socket" % name)
     return qemu
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -281,3 +283,36 @@ def test_following_is_bounded_in_time(sock: Path) -> None:
 def test_bus_address_follows_the_environment() -> None:
     assert system_bus_address({}) == "unix:path=/run/dbus/system_bus_socket"
     assert system_bus_address({"DBUS_SYSTEM_BUS_ADDRESS": "unix:path=/tmp/b"}) == "unix:path=/tmp/b"
+
+
+def test_connect_retries_a_monitor_that_refuses_for_a_moment(sock: Path) -> None:
+    # The socket file exists but nobody listens yet (as between two clients).
+    placeholder = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    placeholder.bind(str(sock))
+    server = ScriptedQEMU(sock, lambda cmd: {"return": {"status": "running"}})
+
+    async def main() -> Any:
+        async def listen_later() -> asyncio.AbstractServer:
+            await asyncio.sleep(0.15)
+            placeholder.close()
+            sock.unlink()
+            return await asyncio.start_unix_server(server.session, str(sock))
+        starting = asyncio.ensure_future(listen_later())
+        async with QMPClient(str(sock), timeout=5) as qmp:
+            reply = await qmp.execute("query-status")
+        srv = await starting
+        srv.close()
+        await srv.wait_closed()
+        return reply
+
+    assert asyncio.run(main()) == {"status": "running"}
+
+
+def test_connect_gives_up_on_a_socket_nobody_listens_on(sock: Path) -> None:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as dead:
+        dead.bind(str(sock))  # what a killed QEMU leaves behind
+        t0 = time.monotonic()
+        with pytest.raises(QMPConnectError, match=r"cannot connect to .*: Connection refused"):
+            asyncio.run(QMPClient(str(sock), timeout=10).connect())
+        # Given up after the short refused-retry window, not the 10 s step timeout.
+        assert time.monotonic() - t0 < 5
