@@ -44,10 +44,25 @@ def seconds(text: str) -> float:
     return value
 
 
+def reserve(text: str) -> float:
+    """Parse the share of the conntrack table Load leaves free, 5 to 50 percent."""
+    from .vmstate import MIN_TABLE_RESERVE
+
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not MIN_TABLE_RESERVE <= value <= 50:
+        raise argparse.ArgumentTypeError("invalid reserve %r: expected %g to 50 (percent)"
+                                         % (text[:64], MIN_TABLE_RESERVE))
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line parser (``--help`` documents every option)."""
     from .daemon import DEFAULT_LINGER
     from .qmp import DEFAULT_TIMEOUT
+    from .vmstate import DEFAULT_TABLE_RESERVE
 
     parser = _Parser(
         prog="pve-dbus-vmstate",
@@ -67,6 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="what Save sends: save text (readable by the Perl helper and conntrack "
                              "--load-file), the compact format, or text when everything fits as text "
                              "and compact otherwise (default: %(default)s); Load reads all of them")
+    parser.add_argument("--table-reserve", type=reserve, default=DEFAULT_TABLE_RESERVE, metavar="PERCENT",
+                        help="Load leaves this share of nf_conntrack_max free (5 to 50 percent), so that "
+                             "the kernel evicts no other entries to make room; what does not fit is left "
+                             "out, least important first (default: %(default)g)")
     parser.add_argument("--qmp-socket", metavar="PATH",
                         help="the VM's QMP monitor socket (default: /var/run/qemu-server/VMID.qmp)")
     parser.add_argument("--qmp-timeout", type=seconds, default=DEFAULT_TIMEOUT, metavar="SECONDS",
@@ -93,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     from .daemon import Daemon, Settings
 
     settings = Settings(vmid=args.vmid, linger=args.linger, qmp_socket=args.qmp_socket or "",
-                        qmp_timeout=args.qmp_timeout, payload_format=args.format)
+                        qmp_timeout=args.qmp_timeout, payload_format=args.format,
+                        table_reserve=args.table_reserve)
     if args.cleanup:
         return cleanup.run(settings)
     return asyncio.run(Daemon(settings).run())

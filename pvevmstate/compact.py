@@ -36,7 +36,8 @@ The mark is not carried: Load gives every entry the VM's mark.
 
 Decoding is bounded: at most :data:`MAX_RECORDS` records, the inflated size
 must be exactly ``count * 130`` bytes and is never inflated beyond that, so a
-crafted payload can cost at most ~26 MB and one pass over it.
+crafted payload can cost at most one ~26 MB record buffer and one pass over it;
+entries are built from it a batch at a time (:class:`Records`).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ import dataclasses
 import operator
 import struct
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -150,39 +151,93 @@ class Decoded:
     refused: list[tuple[int, str]] = field(default_factory=list)
 
 
+#: Just the fields the priority order reads, at their offsets in a record.
+_SUMMARY = struct.Struct("<xB4x64x8x8xII6xB%dx" % (RECORD.size - 101))
+#: Inflate this much at a time: memory stays one record buffer plus a chunk.
+_CHUNK = 1 << 16
+
+
+class Records:
+    """The records of a compact payload, inflated once, turned into entries on demand.
+
+    Only the record buffer (``count * 130`` bytes) is kept: the zlib stream
+    is inflated in chunks straight into its columns, and entries are built
+    one batch at a time, so a 200,000-record Load never holds 200,000 entry
+    objects.
+
+    :param data: the whole payload
+    :raises CodecError: when the payload as a whole is unusable (header,
+        size bound, corrupt or truncated stream)
+    """
+
+    def __init__(self, data: bytes) -> None:
+        if len(data) < HEADER.size:
+            raise CodecError("compact payload shorter than its header")
+        magic, version, compression, size, count = HEADER.unpack_from(data)
+        if magic != MAGIC or version != VERSION:
+            raise CodecError("unknown compact payload version %d" % version)
+        if compression != COMPRESSION_ZLIB or size != RECORD.size:
+            raise CodecError("unsupported compact payload (compression %d, record %d bytes)" % (compression, size))
+        if count > MAX_RECORDS:
+            raise CodecError("compact payload claims %d records, more than %d" % (count, MAX_RECORDS))
+        self.count: int = count
+        self._raw = self._inflate(memoryview(data)[HEADER.size:], count, size)
+
+    @staticmethod
+    def _inflate(stream: memoryview, count: int, size: int) -> bytearray:
+        want = count * size
+        raw = bytearray(want)
+        inflater = zlib.decompressobj()
+        pos = 0  # bytes of the shuffled stream placed so far
+        pending: bytes | memoryview = stream
+        try:
+            while pos < want:
+                # max_length bounds the work a crafted stream (a "zip bomb") can cause.
+                piece = inflater.decompress(pending, min(_CHUNK, want - pos))
+                pending = inflater.unconsumed_tail
+                if not piece:
+                    break
+                # The stream is column after column: byte i of every record.
+                done = 0
+                while done < len(piece):
+                    col, row = divmod(pos, count)
+                    take = min(count - row, len(piece) - done)
+                    raw[col + row * size:col + (row + take) * size:size] = piece[done:done + take]
+                    done += take
+                    pos += take
+            extra = inflater.decompress(pending, 1) if pos == want else b""
+        except zlib.error as err:
+            raise CodecError("compact payload is corrupt: %s" % err) from err
+        if pos != want or extra or not inflater.eof or inflater.unconsumed_tail:
+            raise CodecError("compact payload holds %d bytes of records, not %d"
+                             % (pos + len(extra), want))
+        return raw
+
+    def summaries(self) -> Iterator[tuple[int, int, int, int]]:
+        """``(protocol, timeout, status, state)`` of every record, 0 where absent."""
+        return _SUMMARY.iter_unpack(self._raw)
+
+    def entry(self, index: int) -> Entry:
+        """The entry of record ``index`` (0-based).
+
+        :raises CodecError: when the record is refused
+        """
+        return _entry(RECORD.unpack_from(self._raw, index * RECORD.size))
+
+
 def decode(data: bytes) -> Decoded:
     """Decode a compact payload; bad records are refused, one by one.
 
     :raises CodecError: when the payload as a whole is unusable (header,
         size bound, corrupt or truncated stream); nothing is decoded then
     """
-    if len(data) < HEADER.size:
-        raise CodecError("compact payload shorter than its header")
-    magic, version, compression, size, count = HEADER.unpack_from(data)
-    if magic != MAGIC or version != VERSION:
-        raise CodecError("unknown compact payload version %d" % version)
-    if compression != COMPRESSION_ZLIB or size != RECORD.size:
-        raise CodecError("unsupported compact payload (compression %d, record %d bytes)" % (compression, size))
-    if count > MAX_RECORDS:
-        raise CodecError("compact payload claims %d records, more than %d" % (count, MAX_RECORDS))
-    want = count * size
-    inflater = zlib.decompressobj()
-    try:
-        # max_length bounds the work a crafted stream (a "zip bomb") can cause.
-        shuffled = inflater.decompress(data[HEADER.size:], want + 1)
-    except zlib.error as err:
-        raise CodecError("compact payload is corrupt: %s" % err) from err
-    if len(shuffled) != want or not inflater.eof or inflater.unconsumed_tail:
-        raise CodecError("compact payload holds %d bytes of records, not %d" % (len(shuffled), want))
-    raw = bytearray(want)
-    for i in range(size):
-        raw[i::size] = shuffled[i * count:(i + 1) * count]
+    records = Records(data)
     out = Decoded()
-    for no, rec in enumerate(RECORD.iter_unpack(raw), 1):
+    for i in range(records.count):
         try:
-            out.entries.append(_entry(rec))
+            out.entries.append(records.entry(i))
         except CodecError as err:
-            out.refused.append((no, str(err)))
+            out.refused.append((i + 1, str(err)))
     return out
 
 

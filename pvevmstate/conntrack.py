@@ -46,10 +46,41 @@ class CreateResult:
     failed: Counter[int] = field(default_factory=Counter)
     # Replies the kernel dropped (ENOBUFS): those entries' fate is unknown.
     unknown: int = 0
+    #: Of ``created``: NAT entries the kernel gave another mapping, because
+    #: the one they carried is held by another entry on this host.
+    remapped: int = 0
 
     @property
     def failed_total(self) -> int:
         return sum(self.failed.values())
+
+    def add(self, other: CreateResult) -> None:
+        """Count ``other``'s outcome into this one."""
+        self.created += other.created
+        self.failed.update(other.failed)
+        self.unknown += other.unknown
+        self.remapped += other.remapped
+
+
+@dataclass(frozen=True, slots=True)
+class TableStats:
+    """How full the conntrack table of the socket's namespace is."""
+
+    count: int
+    maximum: int
+
+
+def _reply_differs(e: Entry) -> bool:
+    """Whether ``e``'s reply tuple is not its original tuple mirrored (NAT)."""
+    return (e.reply_src != e.orig_dst or e.reply_dst != e.orig_src
+            or e.reply_sport != e.dport or e.reply_dport != e.sport)
+
+
+def _same_reply(want: Entry, got: Entry) -> bool:
+    return (got.reply_src == want.reply_src and got.reply_dst == want.reply_dst
+            and (want.reply_sport is None or got.reply_sport == want.reply_sport)
+            and (want.reply_dport is None or got.reply_dport == want.reply_dport)
+            and (want.reply_icmp_id is None or got.reply_icmp_id == want.reply_icmp_id))
 
 
 def open_netlink_socket() -> socket.socket:
@@ -153,6 +184,32 @@ class Conntrack:
             if chunk.done:
                 return entries, interrupted
 
+    def stats(self) -> TableStats:
+        """The namespace's entry count and ``nf_conntrack_max``, asked over this socket.
+
+        Over netlink rather than from ``/proc/sys/net/netfilter``: the count is
+        per network namespace, and the socket is in the right one whichever
+        thread asks.
+
+        :raises ConntrackError: when the kernel does not answer
+        """
+        seq = self._next_seq()
+        try:
+            self._sock.send(nlmsg.stats_request(seq))
+            while True:
+                data, n = self._recv()
+                found = nlmsg.decode_stats(data, n, seq)
+                if found is not None:
+                    break
+        except OSError as err:
+            raise ConntrackError("reading the conntrack table's size failed", err.errno) from err
+        count, maximum = found
+        if maximum is None:
+            # Kernels before 4.x do not report it; it is one value for all namespaces.
+            with open("/proc/sys/net/netfilter/nf_conntrack_max", encoding="ascii") as f:
+                maximum = int(f.read())
+        return TableStats(count, maximum)
+
     def create(self, entries: list[Entry], mark: int) -> CreateResult:
         """Create each entry with ``mark``; one refusal never stops the others.
 
@@ -181,6 +238,44 @@ class Conntrack:
                 self._create_batch(unlabeled[start:start + self.ack_budget], mark, result, None)
         return result
 
+    def _verify_nat(self, batch: list[Entry], refused: set[int]) -> int:
+        """How many created NAT entries of ``batch`` the kernel mapped elsewhere.
+
+        When another entry already holds the reply tuple a NAT entry asks for,
+        the kernel does not refuse it: it picks another port (or address) of
+        the range, and the entry is created with a mapping the guest never
+        used. Reading each created NAT entry back is the only way to tell.
+
+        :param batch: the entries of one create batch
+        :param refused: indexes into ``batch`` the kernel refused (not created)
+        """
+        wanted = {i: e for i, e in enumerate(batch) if i not in refused and _reply_differs(e)}
+        if not wanted:
+            return 0
+        first = self._seq + 1
+        try:
+            self._sock.send(b"".join(nlmsg.get_request(e, self._next_seq()) for e in wanted.values()))
+        except OSError as err:
+            raise ConntrackError("sending NAT checks failed", err.errno) from err
+        index = dict(enumerate(wanted))
+        remapped = answered = 0
+        while answered < len(wanted):
+            try:
+                data, n = self._recv()
+            except OSError as err:
+                if err.errno == errno.ENOBUFS:
+                    self._drain()
+                    return remapped
+                raise ConntrackError("reading NAT checks failed", err.errno) from err
+            for seq, got, _code in nlmsg.iter_get_replies(data, n):
+                i = index.get(seq - first)
+                if i is None:
+                    continue
+                answered += 1
+                if got is not None and not _same_reply(batch[i], got):
+                    remapped += 1
+        return remapped
+
     def _create_batch(self, batch: list[Entry], mark: int, result: CreateResult,
                       unlabeled: list[Entry] | None) -> None:
         if not batch:
@@ -204,6 +299,7 @@ class Conntrack:
             raise ConntrackError("sending create requests failed", err.errno) from err
 
         failed = 0
+        refused: set[int] = set()
         while True:
             try:
                 data, n = self._recv()
@@ -222,11 +318,13 @@ class Conntrack:
                 if code:
                     failed += 1
                     result.failed[code] += 1
+                    refused.add(seq - first)
                     entry = batch[seq - first]
                     if unlabeled is not None and code == errno.EOPNOTSUPP and entry.labels:
                         unlabeled.append(dataclasses.replace(entry, labels=None))
                 if seq == last_seq:
                     result.created += len(batch) - failed
+                    result.remapped += self._verify_nat(batch, refused)
                     return
 
     def _drain(self) -> None:

@@ -64,7 +64,7 @@ from .qemu import QemuObject, default_qmp_socket, system_bus_address
 from .qmp import DEFAULT_TIMEOUT as QMP_TIMEOUT
 from .qmp import QMPClient
 from .service import VMStateService
-from .vmstate import ConntrackBackend, VMState
+from .vmstate import DEFAULT_TABLE_RESERVE, ConntrackBackend, VMState
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +99,7 @@ class Settings:
     bus_address: str = ""
     follow_timeout: float = FOLLOW_TIMEOUT
     payload_format: str = "auto"
+    table_reserve: float = DEFAULT_TABLE_RESERVE
 
     @property
     def monitor(self) -> str:
@@ -198,7 +199,8 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop, signal.Signals(sig).name)
         driver = BusDriver.new_proxy(BUS_DRIVER_NAME, BUS_DRIVER_PATH, bus)
-        service = VMStateService(VMState(vmid, backend, fmt=self.settings.payload_format), self)
+        service = VMStateService(VMState(vmid, backend, fmt=self.settings.payload_format,
+                                           reserve=self.settings.table_reserve), self)
         handle = service.export_to_dbus(VMSTATE_PATH, bus)
         watcher = asyncio.create_task(self._watch_names(driver))
         watchdog = asyncio.create_task(self._watch_connection(bus))

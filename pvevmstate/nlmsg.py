@@ -49,6 +49,7 @@ NLA_TYPE_MASK = 0x3FFF
 
 IPCTNL_MSG_CT_NEW = 0x0100  # NFNL_SUBSYS_CTNETLINK << 8 | IPCTNL_MSG_CT_NEW
 IPCTNL_MSG_CT_GET = 0x0101
+IPCTNL_MSG_CT_GET_STATS = 0x0105
 
 CTA_TUPLE_ORIG = 1
 CTA_TUPLE_REPLY = 2
@@ -62,6 +63,9 @@ CTA_ZONE = 18
 CTA_MARK_MASK = 21
 CTA_LABELS = 22
 CTA_NAT_PROTO = 3
+# enum ctattr_stats_global: the namespace's entry count, and nf_conntrack_max.
+CTA_STATS_GLOBAL_ENTRIES = 1
+CTA_STATS_GLOBAL_MAX_ENTRIES = 2
 CTA_PROTONAT_PORT_MIN = 1
 
 CTA_TUPLE_IP = 1
@@ -473,6 +477,68 @@ def iter_acks(buf: bytes, size: int) -> Iterator[tuple[int, int]]:
         off += (mlen + 3) & ~3
 
 
+def iter_get_replies(buf: bytes, size: int) -> Iterator[tuple[int, Entry | None, int]]:
+    """Yield ``(seq, entry, errno)`` for each answer to a :func:`get_request` in a datagram.
+
+    A found entry comes as ``(seq, entry, 0)``, a refusal as ``(seq, None, errno)``.
+    """
+    off = 0
+    while off + 16 <= size:
+        mlen, mtype, _flags, mseq, _pid = _hdr_from(buf, off)
+        if mlen < 16 or off + mlen > size:
+            return
+        if mtype == IPCTNL_MSG_CT_NEW and mlen >= 20:
+            yield mseq, decode_message(buf, off, mlen), 0
+        elif mtype == NLMSG_ERROR and mlen >= 20:
+            code = -_ERRCODE.unpack_from(buf, off + 16)[0]
+            if code:
+                yield mseq, None, code
+        off += (mlen + 3) & ~3
+
+
+def stats_request(seq: int) -> bytes:
+    """An IPCTNL_MSG_CT_GET_STATS request: how full is this namespace's table."""
+    return _message(IPCTNL_MSG_CT_GET_STATS, NLM_F_REQUEST, seq, socket.AF_UNSPEC, b"")
+
+
+def decode_stats(buf: bytes, size: int, seq: int) -> tuple[int, int | None] | None:
+    """``(entries, nf_conntrack_max)`` from the answer to :func:`stats_request`.
+
+    The maximum is None where the kernel does not report it. None when the
+    datagram holds no answer to ``seq``.
+
+    :raises ConntrackError: when the kernel refused the request
+    """
+    off = 0
+    while off + 16 <= size:
+        mlen, mtype, _flags, mseq, _pid = _hdr_from(buf, off)
+        if mlen < 16 or off + mlen > size:
+            raise ConntrackError("truncated netlink message from the kernel")
+        if mseq == seq:
+            if mtype == NLMSG_ERROR and mlen >= 20:
+                code = -_ERRCODE.unpack_from(buf, off + 16)[0]
+                raise ConntrackError("conntrack statistics refused", code or None)
+            if mtype == IPCTNL_MSG_CT_GET_STATS:
+                count: int | None = None
+                maximum: int | None = None
+                a, end = off + 20, off + mlen
+                while a + 8 <= end:
+                    alen, atype = _nla_from(buf, a)
+                    if alen < 4:
+                        break
+                    atype &= NLA_TYPE_MASK
+                    if atype == CTA_STATS_GLOBAL_ENTRIES and alen >= 8:
+                        count = _u32_from(buf, a + 4)[0]
+                    elif atype == CTA_STATS_GLOBAL_MAX_ENTRIES and alen >= 8:
+                        maximum = _u32_from(buf, a + 4)[0]
+                    a += (alen + 3) & ~3
+                if count is None:
+                    raise ConntrackError("conntrack statistics without an entry count")
+                return count, maximum
+        off += (mlen + 3) & ~3
+    return None
+
+
 # ---------------------------------------------------------------- encoding
 
 
@@ -510,6 +576,14 @@ def dump_request(seq: int, mark: int) -> bytes:
     """
     attrs = _be32(CTA_MARK, mark) + _be32(CTA_MARK_MASK, 0xFFFFFFFF)
     return _message(IPCTNL_MSG_CT_GET, NLM_F_REQUEST | NLM_F_DUMP, seq, socket.AF_UNSPEC, attrs)
+
+
+def get_request(e: Entry, seq: int) -> bytes:
+    """A CT_GET of the one entry whose original tuple (and zone) is ``e``'s."""
+    attrs = _tuple(e, False, e.orig_src, e.orig_dst)
+    if e.zone is not None:
+        attrs += _be16(CTA_ZONE, e.zone)
+    return _message(IPCTNL_MSG_CT_GET, NLM_F_REQUEST, seq, e.family, attrs)
 
 
 def _tuple(e: Entry, reply: bool, src: bytes, dst: bytes, ports: tuple[int | None, int | None] | None = None) -> bytes:

@@ -16,7 +16,7 @@ within a class the longest remaining timeout first.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from . import codec, compact
@@ -35,19 +35,35 @@ MIN_TEXT_LINE = 90
 MAX_SHRINK_ROUNDS = 8
 
 
-def priority_class(e: Entry) -> int:
+def class_of(proto: int, status: int, state: int | None) -> int:
     """0 for assured established TCP, 1 other TCP, 2 assured UDP, 3 the rest."""
-    assured = bool((e.status or 0) & IPS_ASSURED)
-    if e.proto == PROTO_TCP:
-        return 0 if assured and e.state == _TCP_ESTABLISHED else 1
-    if e.proto == PROTO_UDP and assured:
+    assured = bool(status & IPS_ASSURED)
+    if proto == PROTO_TCP:
+        return 0 if assured and state == _TCP_ESTABLISHED else 1
+    if proto == PROTO_UDP and assured:
         return 2
     return 3
+
+
+def priority_class(e: Entry) -> int:
+    """:func:`class_of` an entry."""
+    return class_of(e.proto, e.status or 0, e.state)
 
 
 def by_priority(entries: Sequence[Entry]) -> list[Entry]:
     """The entries, most important first (stable within equal keys)."""
     return sorted(entries, key=lambda e: (priority_class(e), -(e.timeout or 0)))
+
+
+# One int per item sorts like (class, -timeout, position): the order
+# by_priority() gives, without a tuple per item. 24 bits of position cover
+# every compact payload and any text a D-Bus message (128 MiB at most) holds.
+_POSITION_BITS = 24
+_TIMEOUT_BITS = 32
+_CLASS_SHIFT = _POSITION_BITS + _TIMEOUT_BITS
+_POSITION_MASK = (1 << _POSITION_BITS) - 1
+_TIMEOUT_MAX = (1 << _TIMEOUT_BITS) - 1
+assert compact.MAX_RECORDS <= _POSITION_MASK + 1
 
 
 @dataclass(slots=True)
@@ -108,8 +124,76 @@ def _encode_compact(entries: Sequence[Entry], limit: int) -> Payload:
     return Payload(data, "compact", n, _left_out(ordered[n:]))
 
 
+class Incoming:
+    """What a Load payload holds, to be created a chunk at a time.
+
+    A save-text payload is parsed whole (1 MiB of text is at most ~12,000
+    lines); a compact one is inflated into its record buffer and its entries
+    are built only for the chunk being created, which bounds Load's memory.
+    Refused lines and records are counted in :attr:`refusals`.
+    """
+
+    def __init__(self, data: bytes, mark: int) -> None:
+        self.refusals = codec.DecodedPayload()
+        self._entries: list[Entry] | None = None
+        self._records: compact.Records | None = None
+        self.format = "none"
+        #: Items that may become entries, and lines or records read in all.
+        self.size = self.lines = 0
+        if len(data) <= 1:
+            pass
+        elif compact.is_compact(data):
+            self.format = "compact"
+            try:
+                self._records = compact.Records(data)
+                self.size = self.lines = self._records.count
+            except CodecError as err:
+                self.refusals.refuse(0, str(err))
+                self.lines = 1
+        else:
+            self.format = "text"
+            decoded = codec.decode_payload(data, mark)
+            self.refusals = decoded
+            self._entries = decoded.entries
+            self.size = len(decoded.entries)
+            self.lines = self.size + decoded.refused
+
+    def _summaries(self) -> Iterator[tuple[int, int, int, int | None]]:
+        if self._records is not None:
+            return self._records.summaries()
+        return ((e.proto, e.timeout or 0, e.status or 0, e.state) for e in self._entries or ())
+
+    def classes(self) -> list[int]:
+        """The priority class of every item, in payload order."""
+        return [class_of(proto, status, state) for proto, _t, status, state in self._summaries()]
+
+    def by_priority(self) -> list[int]:
+        """Positions of the items, most important first (the order Save uses)."""
+        keys = [class_of(proto, status, state) << _CLASS_SHIFT
+                | (_TIMEOUT_MAX - min(timeout, _TIMEOUT_MAX)) << _POSITION_BITS | i
+                for i, (proto, timeout, status, state) in enumerate(self._summaries())]
+        keys.sort()
+        return [k & _POSITION_MASK for k in keys]
+
+    def entries(self, positions: Iterable[int]) -> list[Entry]:
+        """The entries at ``positions``; refused records are counted and skipped."""
+        if self._entries is not None:
+            have = self._entries
+            return [have[i] for i in positions]
+        records = self._records
+        out: list[Entry] = []
+        if records is None:
+            return out
+        for i in positions:
+            try:
+                out.append(records.entry(i))
+            except CodecError as err:
+                self.refusals.refuse(i + 1, str(err))
+        return out
+
+
 def decode(data: bytes, mark: int) -> codec.DecodedPayload:
-    """Read any of the three payloads; never raises for bad input.
+    """Read any of the three payloads whole; never raises for bad input.
 
     A compact payload that is unusable as a whole (corrupt, truncated, over
     its bounds) gives no entries and one refusal saying why.
@@ -117,15 +201,8 @@ def decode(data: bytes, mark: int) -> codec.DecodedPayload:
     :param data: the bytes QEMU passed to Load
     :param mark: the VM's mark (text lines carrying another one are refused)
     """
-    if len(data) <= 1 or not compact.is_compact(data):
-        return codec.decode_payload(data, mark)
-    result = codec.DecodedPayload()
-    try:
-        decoded = compact.decode(data)
-    except CodecError as err:
-        result.refuse(0, str(err))
-        return result
-    result.entries = decoded.entries
-    for no, reason in decoded.refused:
-        result.refuse(no, reason)
+    incoming = Incoming(data, mark)
+    result = incoming.refusals
+    if incoming.format == "compact":
+        result.entries = incoming.entries(range(incoming.size))
     return result

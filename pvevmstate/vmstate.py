@@ -10,15 +10,36 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from . import codec, payload
-from .conntrack import CreateResult
+from .conntrack import CreateResult, TableStats
 from .entry import Entry
 from .errors import errno_text
 
 log = logging.getLogger(__name__)
+
+
+#: Share of ``nf_conntrack_max`` that Load leaves free, in percent. The kernel
+#: starts evicting entries that are not yet assured (any VM's) once a
+#: namespace holds ``nf_conntrack_max / 100 * 95`` entries (its GC worker's
+#: early drop), and every new flow evicts or fails once it is full; stopping
+#: at 90 % keeps both away and leaves the other 5 % for flows that start
+#: while the VM migrates.
+DEFAULT_TABLE_RESERVE = 10.0
+#: The least reserve: Load never reaches the GC's early-drop threshold.
+MIN_TABLE_RESERVE = 5.0
+
+
+def load_ceiling(maximum: int, reserve: float) -> int:
+    """How many entries Load lets the table hold: ``reserve`` percent short of
+    ``maximum``, and always below the kernel's early-drop threshold."""
+    return min(int(maximum * (100 - reserve) / 100), maximum // 100 * 95 - 1)
+#: Entries created between two looks at how full the table is.
+LOAD_CHUNK = 4096
 
 
 class ConntrackBackend(Protocol):
@@ -27,6 +48,8 @@ class ConntrackBackend(Protocol):
     def dump(self, mark: int) -> list[Entry]: ...
 
     def create(self, entries: list[Entry], mark: int) -> CreateResult: ...
+
+    def stats(self) -> TableStats: ...
 
     def close(self) -> None: ...
 
@@ -50,6 +73,11 @@ class LoadReport:
     samples: list[codec.Refusal]
     result: CreateResult
     ms: float
+    #: Entries not created because the table reached its reserve, by class.
+    left_out: Counter[str] = field(default_factory=Counter)
+    #: The table before Load, and the fill Load stops at.
+    before: TableStats | None = None
+    ceiling: int = 0
 
 
 class VMState:
@@ -59,14 +87,16 @@ class VMState:
     :param backend: the conntrack table
     :param limit: payload byte budget (QEMU's 1 MiB)
     :param fmt: what Save sends: ``auto``, ``text`` or ``compact`` (Load reads all)
+    :param reserve: percent of ``nf_conntrack_max`` Load never fills
     """
 
     def __init__(self, vmid: int, backend: ConntrackBackend, limit: int = codec.MAX_PAYLOAD,
-                 fmt: str = "auto") -> None:
+                 fmt: str = "auto", reserve: float = DEFAULT_TABLE_RESERVE) -> None:
         self.vmid = vmid
         self._backend = backend
         self._limit = limit
         self._format = fmt
+        self._reserve = reserve
         self._lock = asyncio.Lock()
 
     def _save(self) -> SaveReport:
@@ -77,10 +107,38 @@ class VMState:
 
     def _load(self, data: bytes) -> LoadReport:
         t0 = time.perf_counter()
-        decoded = payload.decode(data, self.vmid)
-        result = self._backend.create(decoded.entries, self.vmid) if decoded.entries else CreateResult()
-        return LoadReport(len(data), len(decoded.entries) + decoded.refused, decoded.refused,
-                          decoded.samples, result, (time.perf_counter() - t0) * 1000)
+        incoming = payload.Incoming(data, self.vmid)
+        result = CreateResult()
+        left_out: Counter[str] = Counter()
+        before: TableStats | None = None
+        ceiling = 0
+        n = incoming.size
+        if n:
+            # Creating into a nearly full table would make the kernel evict
+            # other VMs' entries: look at its fill before every chunk.
+            before = stats = self._backend.stats()
+            ceiling = load_ceiling(stats.maximum, self._reserve)
+            room = ceiling - stats.count
+            # Payload order unless the table cannot take everything: then the
+            # entries that matter most go first, as Save orders them.
+            order: Sequence[int] = range(n) if room >= n else incoming.by_priority()
+            done = 0
+            while done < n:
+                if done:
+                    room = ceiling - self._backend.stats().count
+                if room <= 0:
+                    break
+                chunk = order[done:done + min(LOAD_CHUNK, room)]
+                done += len(chunk)
+                batch = incoming.entries(chunk)
+                if batch:
+                    result.add(self._backend.create(batch, self.vmid))
+            if done < n:
+                classes = incoming.classes()
+                left_out.update(payload.CLASSES[classes[i]] for i in order[done:])
+        refusals = incoming.refusals
+        return LoadReport(len(data), incoming.lines, refusals.refused, refusals.samples, result,
+                          (time.perf_counter() - t0) * 1000, left_out, before, ceiling)
 
     async def save(self) -> SaveReport:
         """Dump this VM's entries and encode them within the limit.
@@ -114,9 +172,21 @@ class VMState:
         result = report.result
         for code, count in sorted(result.failed.items()):
             log.warning("Load: kernel refused %d entries: %s", count, errno_text(code))
+        if result.remapped:
+            log.warning("Load: %d entries created with another NAT mapping: the one they had is held "
+                        "by another entry on this host", result.remapped)
+        if report.left_out:
+            before = report.before
+            assert before is not None
+            log.warning("Load: left out %d entries to keep the conntrack table below %d of its %d "
+                        "(it held %d): %s", sum(report.left_out.values()), report.ceiling, before.maximum,
+                        before.count, ", ".join("%d %s" % (report.left_out[c], c)
+                                                for c in payload.CLASSES if report.left_out[c]))
         failed = result.failed_total
-        level = logging.WARNING if report.refused or failed or result.unknown else logging.INFO
+        level = (logging.WARNING if report.refused or failed or result.unknown or result.remapped
+                 or report.left_out else logging.INFO)
         log.log(level, "Load: %d bytes, %d lines, created %d entries with mark %d, refused %d, "
-                "failed %d, unknown %d, %.1f ms", report.received, report.lines, result.created,
-                self.vmid, report.refused, failed, result.unknown, report.ms)
+                "failed %d, unknown %d, left out %d, %.1f ms", report.received, report.lines,
+                result.created, self.vmid, report.refused, failed, result.unknown,
+                sum(report.left_out.values()), report.ms)
         return report

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from sdbus import DbusFailedError, SdBus, sd_bus_open_system
 
-from pvevmstate.conntrack import CreateResult
+from pvevmstate.conntrack import CreateResult, TableStats
 from pvevmstate.dbus_api import VMSTATE_PATH, VMState1Interface, VMStateHelperInterface
 from pvevmstate.entry import Entry
 from pvevmstate.errors import ConntrackError, VMStateError
@@ -35,6 +35,9 @@ class FakeBackend:
             raise self._create
         self.created.extend(entries)
         return self._create
+
+    def stats(self) -> TableStats:
+        return TableStats(len(self.created), 262144)
 
     def close(self) -> None:
         pass
