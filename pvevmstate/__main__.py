@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import os
 import re
+import signal
 import sys
 from typing import NoReturn
 
@@ -96,7 +97,17 @@ def main(argv: list[str] | None = None) -> int:
                         qmp_timeout=args.qmp_timeout, payload_format=args.format)
     if args.cleanup:
         return cleanup.run(settings)
-    return asyncio.run(Daemon(settings).run())
+    daemon = Daemon(settings)
+    # Until the daemon's loop handles it, SIGINT ends the process as SIGTERM
+    # does (nothing is registered yet) instead of raising KeyboardInterrupt;
+    # this also keeps asyncio.run from installing its own SIGINT handler.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    try:
+        return asyncio.run(daemon.run())
+    except KeyboardInterrupt:
+        # Only possible in the instant between the loop giving SIGINT back and
+        # the daemon ignoring it, after its teardown: the work is done.
+        return daemon.exit_status
 
 
 if __name__ == "__main__":

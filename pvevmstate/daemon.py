@@ -166,6 +166,11 @@ class Daemon:
         # Signals already noted as ignored while stopping (one journal line each).
         self._ignored: set[str] = set()
 
+    @property
+    def exit_status(self) -> int:
+        """The status :meth:`run` returns (or would have, had it not been interrupted)."""
+        return self._exit
+
     # -------------------------------------------------------- Lifecycle
 
     def stop(self, reason: str, code: int = EXIT_OK) -> None:
@@ -216,6 +221,7 @@ class Daemon:
             backend = self._backend_factory()
         except VMStateError as err:
             log.error("cannot use the conntrack table: %s", err)
+            self._exit = EXIT_FAILURE
             return EXIT_FAILURE
         try:
             return await self._serve(backend)
@@ -231,7 +237,7 @@ class Daemon:
             bus.method_call_timeout_usec = BUS_CALL_TIMEOUT_USEC
         except (OSError, SdBusBaseError) as err:
             log.error("cannot connect to the system bus: %s", err)
-            self._reason = "no bus"
+            self._reason, self._exit = "no bus", EXIT_FAILURE
             return EXIT_FAILURE
         loop = asyncio.get_running_loop()
         for sig in STOP_SIGNALS:
