@@ -198,6 +198,10 @@ class Daemon:
 
     def work_done(self, member: str) -> None:
         """Follow the migration and start the linger period after an answered Save or Load."""
+        if self._stop is not None and self._stop.is_set():
+            # Answered during the teardown, which removes the object and exits
+            # anyway: no follow, and no "exiting in 30 s" line that is not true.
+            return
         if self._follow is None and self._registered:
             follow = self._follow_outgoing if member == "Save" else self._follow_incoming
             self._follow = asyncio.create_task(follow())

@@ -77,6 +77,8 @@ def _check_journal(helper: Helper, second: signal.Signals, member: str) -> None:
     ignoring = "ignoring %s" % second.name
     assert journal.count(ignoring) == 1, journal
     assert "<4>already stopping (SIGTERM), " + ignoring in journal, journal
+    # Answered while stopping: no linger announced that will not happen.
+    assert "exiting in" not in journal, journal
     # Stopping, the extra signal, the answer, the object gone, the exit: in this order.
     order = ["stopping: SIGTERM", ignoring, "%s: " % member, "removed the dbus-vmstate object",
              "exiting: SIGTERM"]
