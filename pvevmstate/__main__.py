@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import re
+import signal
 import sys
 from typing import NoReturn
 
 from . import __version__, logsetup
 
+EXIT_FAILURE = 1
 EXIT_USAGE = 2
+PROG = "pve-dbus-vmstate"
+log = logging.getLogger("pvevmstate")
 # Proxmox VMIDs: 100 .. 999999999, written without leading zeros.
 _VMID = re.compile(r"[1-9][0-9]{2,8}")
 
@@ -65,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .vmstate import DEFAULT_TABLE_RESERVE
 
     parser = _Parser(
-        prog="pve-dbus-vmstate",
+        prog=PROG,
         description="Carry a VM's conntrack entries (CONNMARK == VMID) through a QEMU live "
                     "migration: serves org.qemu.VMState1 on the system bus for QEMU's "
                     "dbus-vmstate object. Normally started as pve-dbus-vmstate@VMID.service.",
@@ -100,8 +105,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _unraisable(info: sys.UnraisableHookArgs) -> None:
+    # Errors Python cannot raise (in __del__, e.g. of an event loop whose
+    # creation failed half-way) follow the error that caused them, which had
+    # its journal line: a traceback here would only be noise, except for --debug.
+    log.debug("ignored in %r: %s", info.object, info.exc_value,
+              exc_info=info.exc_value if info.exc_value is not None else False)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the console script and of ``python3 -m pvevmstate``."""
+    """Entry point of the console script and of ``python3 -m pvevmstate``.
+
+    Whatever goes wrong ends here with one ``<3>`` line and exit status 1
+    (a traceback only with ``--debug``, at debug priority), the way firewalld
+    guards its main: the journal must say what failed, not where.
+    """
     from . import cleanup
 
     argv = sys.argv[1:] if argv is None else argv
@@ -109,6 +127,17 @@ def main(argv: list[str] | None = None) -> int:
         return 0  # before parsing: a bad VMID already had its one journal line
     args = build_parser().parse_args(argv)
     logsetup.configure(debug=args.debug)
+    sys.unraisablehook = _unraisable
+    try:
+        return _run(args)
+    except Exception as err:
+        log.error("%s: unexpected error: %s: %s", PROG, type(err).__name__, err)
+        log.debug("unexpected error", exc_info=True)
+        return EXIT_FAILURE
+
+
+def _run(args: argparse.Namespace) -> int:
+    from . import cleanup
     from .daemon import Daemon, Settings
 
     settings = Settings(vmid=args.vmid, linger=args.linger, qmp_socket=args.qmp_socket or "",
@@ -116,7 +145,20 @@ def main(argv: list[str] | None = None) -> int:
                         table_reserve=args.table_reserve)
     if args.cleanup:
         return cleanup.run(settings)
-    return asyncio.run(Daemon(settings).run())
+    daemon = Daemon(settings)
+    # Until the daemon's loop handles it, SIGINT ends the process as SIGTERM
+    # does (nothing is registered yet) instead of raising KeyboardInterrupt;
+    # this also keeps asyncio's runner from installing its own SIGINT handler.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    try:
+        # The runner's loop exists before the coroutine does: a loop that
+        # cannot be made (no file descriptors left) leaves no unawaited one.
+        with asyncio.Runner() as runner:
+            return runner.run(daemon.run())
+    except KeyboardInterrupt:
+        # Only possible in the instant between the loop giving SIGINT back and
+        # the daemon ignoring it, after its teardown: the work is done.
+        return daemon.exit_status
 
 
 if __name__ == "__main__":

@@ -90,7 +90,9 @@ def open_netlink_socket() -> socket.socket:
     is what both have in common, so we keep a duplicate and let pyroute2's
     object go.
 
-    :raises ConntrackError: without netlink access (no CAP_NET_ADMIN, no module)
+    :raises ConntrackError: without netlink access (no CAP_NET_ADMIN, no
+        module, no file descriptor left): every OSError of the opening, so the
+        daemon reports it as what it is, not as an unexpected error
     """
     try:
         nl = NFCTSocket(nfgen_family=socket.AF_UNSPEC)
@@ -98,21 +100,25 @@ def open_netlink_socket() -> socket.socket:
             sock = socket.socket(fileno=os.dup(nl.fileno()))
         finally:
             nl.close()
-        sock.bind((0, 0))
     except OSError as err:
         raise ConntrackError("cannot open a ctnetlink socket", err.errno) from err
-    for name, opt, fallback, size in (
-        ("receive", 33, socket.SO_RCVBUF, RCVBUF),  # SO_RCVBUFFORCE
-        ("send", 32, socket.SO_SNDBUF, SNDBUF),  # SO_SNDBUFFORCE
-    ):
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, opt, size)
-        except OSError:
-            log.debug("no CAP_NET_ADMIN for a forced %s buffer, using the default limit", name)
-            sock.setsockopt(socket.SOL_SOCKET, fallback, size)
-    # Error replies then carry only the header, not our whole request.
-    with contextlib.suppress(OSError):
-        sock.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)
+    try:
+        sock.bind((0, 0))
+        for name, opt, fallback, size in (
+            ("receive", 33, socket.SO_RCVBUF, RCVBUF),  # SO_RCVBUFFORCE
+            ("send", 32, socket.SO_SNDBUF, SNDBUF),  # SO_SNDBUFFORCE
+        ):
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, opt, size)
+            except OSError:
+                log.debug("no CAP_NET_ADMIN for a forced %s buffer, using the default limit", name)
+                sock.setsockopt(socket.SOL_SOCKET, fallback, size)
+        # Error replies then carry only the header, not our whole request.
+        with contextlib.suppress(OSError):
+            sock.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)
+    except OSError as err:
+        sock.close()
+        raise ConntrackError("cannot set up the ctnetlink socket", err.errno) from err
     return sock
 
 
@@ -126,7 +132,11 @@ class Conntrack:
         self._sock = sock if sock is not None else open_netlink_socket()
         self._seq = 0
         self._buf = bytearray(1 << 20)
-        rcvbuf = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+        try:
+            rcvbuf = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+        except OSError as err:
+            self._sock.close()
+            raise ConntrackError("cannot read the ctnetlink receive buffer size", err.errno) from err
         #: Requests that may be answered before we read: beyond this, replies are lost.
         self.ack_budget = max(32, rcvbuf // ACK_COST // 2)
 

@@ -22,6 +22,10 @@ the object is then the newer helper's), release the names, close the bus.
 
 The process ends on Quit, SIGTERM/SIGINT, loss of the per-VM name, a failed
 outgoing migration, or a linger period after its Save or Load was answered.
+Once it is stopping, further SIGTERM/SIGINT are noted once per signal and
+ignored until the teardown is done: an unanswered Load costs the destination
+its VM. Only SIGKILL ends the helper sooner (the unit's ``ExecStopPost``
+then removes the QEMU object).
 """
 
 from __future__ import annotations
@@ -83,6 +87,7 @@ FOLLOW_TIMEOUT = 120.0
 DRAIN_TIMEOUT = 25.0
 
 POLLRDHUP = getattr(select, "POLLRDHUP", 0x2000)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 EXIT_OK = 0
 EXIT_FAILURE = 1
 
@@ -115,6 +120,21 @@ class Settings:
         return QemuObject(self.monitor, bus_address, helper_id(self.vmid), lambda path: QMPClient(path, timeout))
 
 
+def _ignore_stop_signals(loop: asyncio.AbstractEventLoop) -> None:
+    """After the teardown: ignore SIGTERM/SIGINT for the rest of the process.
+
+    Nothing is left for them to stop. Left to the loop, closing it would give
+    SIGINT back to Python's default handler (a KeyboardInterrupt traceback
+    while the process exits) and SIGTERM to the default action (a helper
+    that did everything right would count as killed).
+    """
+    for sig in STOP_SIGNALS:
+        loop.remove_signal_handler(sig)
+        # A SIGINT between these two lines raises KeyboardInterrupt, which the
+        # command line turns into a clean exit: the work is done by now.
+        signal.signal(sig, signal.SIG_IGN)
+
+
 class Daemon:
     """One helper process for one VM.
 
@@ -144,6 +164,13 @@ class Daemon:
         # once QEMU is gone, or once a newer helper took over.
         self._registered = False
         self._bus_lost = False
+        # Signals already noted as ignored while stopping (one journal line each).
+        self._ignored: set[str] = set()
+
+    @property
+    def exit_status(self) -> int:
+        """The status :meth:`run` returns (or would have, had it not been interrupted)."""
+        return self._exit
 
     # -------------------------------------------------------- Lifecycle
 
@@ -154,8 +181,28 @@ class Daemon:
         self._reason, self._exit = reason, code
         self._stop.set()
 
+    def on_signal(self, name: str) -> None:
+        """SIGTERM/SIGINT: stop; once stopping, note a further one once and ignore it.
+
+        The teardown waits for pending Save/Load answers (at most
+        DRAIN_TIMEOUT) and removes the QEMU object; a second signal from an
+        impatient operator or a stop script must not cut that short.
+        """
+        if self._stop is None or not self._stop.is_set():
+            self.stop(name)
+            return
+        if name not in self._ignored:
+            self._ignored.add(name)
+            log.warning("already stopping (%s), ignoring %s until every pending Save/Load is answered "
+                        "(at most %.0f s) and the QEMU object is removed; SIGKILL ends the helper at once",
+                        self._reason, name, DRAIN_TIMEOUT)
+
     def work_done(self, member: str) -> None:
         """Follow the migration and start the linger period after an answered Save or Load."""
+        if self._stop is not None and self._stop.is_set():
+            # Answered during the teardown, which removes the object and exits
+            # anyway: no follow, and no "exiting in 30 s" line that is not true.
+            return
         if self._follow is None and self._registered:
             follow = self._follow_outgoing if member == "Save" else self._follow_incoming
             self._follow = asyncio.create_task(follow())
@@ -179,10 +226,12 @@ class Daemon:
             backend = self._backend_factory()
         except VMStateError as err:
             log.error("cannot use the conntrack table: %s", err)
+            self._exit = EXIT_FAILURE
             return EXIT_FAILURE
         try:
             return await self._serve(backend)
         finally:
+            _ignore_stop_signals(asyncio.get_running_loop())
             backend.close()
             log.info("helper for VM %d exiting: %s", vmid, self._reason or "error")
 
@@ -193,11 +242,11 @@ class Daemon:
             bus.method_call_timeout_usec = BUS_CALL_TIMEOUT_USEC
         except (OSError, SdBusBaseError) as err:
             log.error("cannot connect to the system bus: %s", err)
-            self._reason = "no bus"
+            self._reason, self._exit = "no bus", EXIT_FAILURE
             return EXIT_FAILURE
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.stop, signal.Signals(sig).name)
+        for sig in STOP_SIGNALS:
+            loop.add_signal_handler(sig, self.on_signal, sig.name)
         driver = BusDriver.new_proxy(BUS_DRIVER_NAME, BUS_DRIVER_PATH, bus)
         service = VMStateService(VMState(vmid, backend, fmt=self.settings.payload_format,
                                            reserve=self.settings.table_reserve), self)
@@ -225,9 +274,9 @@ class Daemon:
             self._reason, self._exit = "not registered with QEMU", EXIT_FAILURE
             return EXIT_FAILURE
         finally:
+            # The signal handlers stay until the end of the teardown: a signal
+            # now must not end the process before the pending answers went out.
             sd_notify("STOPPING=1")
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.remove_signal_handler(sig)
             if self._linger is not None:
                 self._linger.cancel()
             watcher.cancel()
