@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import socket
 import subprocess
@@ -23,16 +24,24 @@ def object_props(qemu: Qemu) -> tuple[str, str]:
 
 
 def fill(path: Path) -> int:
-    """Queue datagrams on the socket at ``path`` until it takes no more; how many it took."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sender:
-        sender.setblocking(False)
-        count = 0
-        while True:
-            try:
-                sender.sendto(b"FILLER=1", str(path))
-            except BlockingIOError:
-                return count
-            count += 1
+    """Queue datagrams on the socket at ``path`` until its queue is full; how many it took.
+
+    Full means a fresh sender is refused too: one sender alone may run out of
+    its own send buffer first (net.unix.max_dgram_qlen is 512 where systemd
+    sets it, 10 by the kernel's default).
+    """
+    count = 0
+    while True:
+        sent = 0
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sender:
+            sender.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                while True:
+                    sender.sendto(b"FILLER=1", str(path))
+                    sent += 1
+        if not sent:
+            return count
+        count += sent
 
 
 def has_object(qemu: Qemu) -> bool:
