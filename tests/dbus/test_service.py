@@ -138,10 +138,23 @@ def test_quit_errors_are_translated_without_internals(failure: Exception, name: 
             await helper.quit()
         seen["error"] = exc.value
 
-    serve(FakeBackend([], CreateResult()), FakeLifecycle(failure), body)
+    lifecycle = FakeLifecycle(failure)
+    serve(FakeBackend([], CreateResult()), lifecycle, body)
+    assert lifecycle.quits == 1
     err = seen["error"]
     assert err.dbus_error_name == name
     assert text in str(err) and "secret" not in str(err)
+
+
+def test_quit_asks_the_lifecycle_once_and_answers() -> None:
+    lifecycle = FakeLifecycle()
+
+    async def body(vm: VMState1Interface, helper: VMStateHelperInterface) -> None:
+        await helper.quit()
+        assert lifecycle.quits == 1
+
+    serve(FakeBackend([], CreateResult()), lifecycle, body)
+    assert lifecycle.quits == 1 and lifecycle.done == []
 
 
 def test_id_is_read_only() -> None:

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import socket
 import subprocess
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests import client
-from tests.support import PrivateBus, Qemu, helper_command, run_cleanup, wait_until
+from tests.support import PrivateBus, Qemu, QMPFailed, helper_command, run_cleanup, wait_until
 
 VMID = 100
 Factory = Any
@@ -20,10 +23,58 @@ def object_props(qemu: Qemu) -> tuple[str, str]:
             qemu.qmp("qom-get", path="/objects/pve-vmstate", property="id-list"))
 
 
+def fill(path: Path) -> int:
+    """Queue datagrams on the socket at ``path`` until its queue is full; how many it took.
+
+    Full means a fresh sender is refused too: one sender alone may run out of
+    its own send buffer first (net.unix.max_dgram_qlen is 512 where systemd
+    sets it, 10 by the kernel's default).
+    """
+    count = 0
+    while True:
+        sent = 0
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sender:
+            sender.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                while True:
+                    sender.sendto(b"FILLER=1", str(path))
+                    sent += 1
+        if not sent:
+            return count
+        count += sent
+
+
+def has_object(qemu: Qemu) -> bool:
+    try:
+        return "pve-vmstate" in qemu.objects()
+    except QMPFailed as err:  # QEMU makes /objects with the first object
+        if "DeviceNotFound" not in str(err):
+            raise
+        return False
+
+
 def test_ready_only_once_qemu_has_the_object(netns_factory: Factory, helper_factory: Factory,
-                                             qemu_factory: Factory, system_bus: PrivateBus) -> None:
+                                             qemu_factory: Factory, system_bus: PrivateBus,
+                                             *, monkeypatch: pytest.MonkeyPatch) -> None:
+    # READY=1 goes to a NOTIFY_SOCKET whose queue is full, so the helper's
+    # sd_notify blocks in send() until the test reads: READY cannot be reported
+    # before the test lets it through. The object must appear in QEMU while
+    # that is so; a helper that notified before it registered would block
+    # before object-add, and the object would never appear.
     qemu = qemu_factory("vm")
-    helper = helper_factory(netns_factory(), VMID, qemu=qemu)
+    notify_path = qemu.qmp_path.parent / "notify"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+        notify.bind(str(notify_path))
+        filled = fill(notify_path)
+        monkeypatch.setenv("NOTIFY_SOCKET", str(notify_path))
+        helper = helper_factory(netns_factory(), VMID, qemu=qemu, ready=False)
+        wait_until(lambda: has_object(qemu), 15, "QEMU to have the object before READY=1")
+        assert " ready: " not in helper.journal()
+        notify.settimeout(15)
+        received = [notify.recv(4096) for _ in range(filled + 1)]
+        assert received[:filled] == [b"FILLER=1"] * filled
+        assert received[filled] == b"READY=1\nSTATUS=serving pve-vmstate-100"
+        helper.wait_ready()
     # The object names this helper's Id and the bus the helper is on.
     assert object_props(qemu) == (system_bus.address, "pve-vmstate-100")
     journal = helper.journal()

@@ -3,7 +3,9 @@
 # there: dpkg-buildpackage with debhelper/dh-python/pybuild, lintian, install
 # with trixie's python3-sdbus and python3-pyroute2, switching from qemu-server's
 # unit and back (dpkg diversion), systemd-analyze verify and security (exposure
-# <= 2.5), and trixie's dbus-daemon accepting the installed policy file.
+# <= 2.5), and trixie's system bus config loading the installed policy file (a
+# helper on it gets its names, root may call it, nobody may not; broken copies of
+# the policy fail that check).
 #
 #   TRIXIE_ROOT=DIR   where the trixie root lives (made with debootstrap if missing,
 #                     reused afterwards; default /var/tmp/pvevmstate-trixie)
@@ -124,16 +126,99 @@ if command -v systemd-analyze >/dev/null; then
         | exposure "systemd $(systemctl --version | head -1 | cut -d' ' -f2), this host"
 fi
 
-step "trixie's dbus-daemon accepts the installed policy as part of its system.conf"
-sed -e 's|<listen>.*</listen>|<listen>unix:path=/build/policy-bus</listen>|' \
-    -e '/<user>/d' -e '/<fork\/>/d' -e '/<pidfile>/d' \
-    "$root/usr/share/dbus-1/system.conf" > "$root/build/system.conf"
-in_root timeout 10 dbus-daemon --config-file=/build/system.conf --nofork --print-address=1 \
-    > "$root/build/bus.out" 2>&1 &
-for _ in $(seq 50); do grep -q unix: "$root/build/bus.out" && break; sleep 0.1; done
-grep -q unix: "$root/build/bus.out" || { cat "$root/build/bus.out"; exit 1; }
-kill %1 2>/dev/null || true
-wait || true
-echo "dbus-daemon started with /usr/share/dbus-1/system.d/com.proxmox.VMStateHelper.conf" >&2
+step "trixie's system bus config loads the installed policy: the helper gets its names, root may call it, nobody may not"
+# The root's own system.conf with only the socket, user, fork and pid file
+# changed, and its relative <includedir>system.d</includedir> made absolute:
+# a copy in /build would otherwise read /build/system.d and never load the
+# installed policy. $1 is the directory included in its place (the installed
+# /usr/share/dbus-1/system.d, or a broken copy below). A helper for VM 100 runs
+# on that bus with a QEMU of its own; prints why and returns 1 if the policy
+# does not do its job. Every process is bounded by timeout(1) and stopped here.
+policy_bus() {
+    local dir=$1 bus=/build/policy-bus qmp=/build/policy-100.qmp
+    local env=(env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin LANG=C.UTF-8)
+    local busctl=(busctl --address=unix:path=$bus)
+    local id=(get-property com.proxmox.VMStateHelper.VM100 /org/qemu/VMState1 org.qemu.VMState1 Id)
+    local daemon qemu helper why="" out owner queued rc
+    sed -e "s|<listen>.*</listen>|<listen>unix:path=$bus</listen>|" \
+        -e '/<user>/d' -e '/<fork\/>/d' -e '/<pidfile>/d' \
+        -e "s|<includedir>system.d</includedir>|<includedir>$dir</includedir>|" \
+        "$root/usr/share/dbus-1/system.conf" > "$root/build/system.conf"
+    grep -q "<includedir>$dir</includedir>" "$root/build/system.conf" \
+        || { echo "system.conf has no <includedir>system.d</includedir> to replace" >&2; return 1; }
+    rm -f "$root$bus" "$root$qmp" "$root"/build/policy-*.out "$root"/build/policy-*.err
+    chroot "$root" "${env[@]}" timeout 60 dbus-daemon --config-file=/build/system.conf --nofork --nopidfile \
+        --print-address=1 > "$root/build/policy-bus.out" 2> "$root/build/policy-bus.err" &
+    daemon=$!
+    chroot "$root" "${env[@]}" timeout 60 qemu-system-x86_64 -machine none -nodefaults -display none \
+        -serial none -monitor none -qmp "unix:$qmp,server=on,wait=off" > "$root/build/policy-qemu.err" 2>&1 &
+    qemu=$!
+    for _ in $(seq 100); do grep -q unix: "$root/build/policy-bus.out" && [ -S "$root$qmp" ] && break; sleep 0.1; done
+    if ! grep -q unix: "$root/build/policy-bus.out"; then
+        why="dbus-daemon refused the configuration: $(cat "$root/build/policy-bus.err")"
+    elif [ ! -S "$root$qmp" ]; then
+        why="QEMU did not start: $(cat "$root/build/policy-qemu.err")"
+    else
+        chmod 0666 "$root$bus"  # anyone may connect; the policy decides the rest
+        chroot "$root" "${env[@]}" DBUS_SYSTEM_BUS_ADDRESS="unix:path=$bus" timeout 60 \
+            /usr/libexec/pve-dbus-vmstate 100 --qmp-socket "$qmp" 2> "$root/build/policy-helper.err" &
+        helper=$!
+        for _ in $(seq 150); do
+            grep -q ' ready: ' "$root/build/policy-helper.err" && break
+            kill -0 "$helper" 2>/dev/null || break
+            sleep 0.1
+        done
+        if ! grep -q ' ready: ' "$root/build/policy-helper.err"; then
+            why="the helper did not get ready: $(grep '^<3>' "$root/build/policy-helper.err")"
+        elif ! out=$(in_root "${busctl[@]}" "${id[@]}" 2>&1) || [ "$out" != 's "pve-vmstate-100"' ]; then
+            why="root may not read the helper's Id: $out"
+        elif ! owner=$(in_root "${busctl[@]}" call org.freedesktop.DBus /org/freedesktop/DBus org.freedesktop.DBus \
+                       GetNameOwner s com.proxmox.VMStateHelper.VM100 2>&1) \
+             || ! queued=$(in_root "${busctl[@]}" call org.freedesktop.DBus /org/freedesktop/DBus org.freedesktop.DBus \
+                       ListQueuedOwners s org.qemu.VMState1 2>&1) \
+             || [ "$queued" != "as 1 ${owner#s }" ]; then
+            why="org.qemu.VMState1 is not queued by the helper ($owner): $queued"
+        elif out=$(in_root setpriv --reuid=nobody --regid=nogroup --clear-groups "${busctl[@]}" "${id[@]}" 2>&1) \
+             || ! echo "$out" | grep -q "Access denied"; then
+            why="nobody may read the helper's Id: $out"
+        elif ! in_root "${busctl[@]}" call com.proxmox.VMStateHelper.VM100 /org/qemu/VMState1 \
+                 com.proxmox.VMStateHelper Quit; then
+            why="root may not call Quit"
+        fi
+        for _ in $(seq 100); do kill -0 "$helper" 2>/dev/null || break; sleep 0.1; done
+        kill "$helper" 2>/dev/null || true
+        rc=0; wait "$helper" || rc=$?
+        [ -n "$why" ] || [ "$rc" = 0 ] || why="the helper exited with $rc after Quit: $(cat "$root/build/policy-helper.err")"
+    fi
+    kill "$qemu" "$daemon" 2>/dev/null || true
+    wait "$qemu" "$daemon" 2>/dev/null || true
+    [ -n "$why" ] || ! grep -q "$policy" "$root/build/policy-bus.err" \
+        || why="dbus-daemon warned about the policy"
+    [ -z "$why" ] || { echo "$why" >&2; return 1; }
+}
+policy=com.proxmox.VMStateHelper.conf
+[ -f "$root/usr/share/dbus-1/system.d/$policy" ]
+policy_bus /usr/share/dbus-1/system.d
+echo "the installed /usr/share/dbus-1/system.d/$policy does its job on trixie's dbus-daemon" >&2
+
+step "the same check fails with a broken copy of the policy"
+broken=$root/build/broken-system.d
+while IFS='|' read -r what edit expected; do
+    rm -rf "$broken"
+    cp -a "$root/usr/share/dbus-1/system.d" "$broken"
+    sed -i -e "$edit" "$broken/$policy"
+    ! cmp -s "$broken/$policy" "$root/usr/share/dbus-1/system.d/$policy" || { echo "$what: edit changed nothing" >&2; exit 1; }
+    if why=$(policy_bus /build/broken-system.d 2>&1); then
+        echo "FAILED: the check passed with a policy where $what" >&2; exit 1
+    fi
+    echo "$why" | grep -q -- "$expected" || { echo "FAILED: $what: unexpected reason: $why" >&2; exit 1; }
+    echo "$what: refused ($(echo "$why" | head -1))" >&2
+done <<'EOF'
+root may not own the names|/<policy user="root">/,/<\/policy>/{/allow own/d}|the helper did not get ready: <3>D-Bus start-up failed
+the file is not well-formed XML|s,</busconfig>,<policy,|the helper did not get ready: <3>D-Bus start-up failed
+root may not call the helper|/<policy user="root">/,/<\/policy>/{/allow send_/d}|root may not read the helper's Id
+everybody may call the helper|s,<policy context="default">,&<allow send_destination_prefix="com.proxmox.VMStateHelper"/>,|nobody may read the helper's Id
+EOF
+rm -rf "$broken"
 
 step "package checks passed: $out/$deb"
