@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "dbus-vmstate object. Normally started as pve-dbus-vmstate@VMID.service.",
         epilog="The system bus is taken from DBUS_SYSTEM_BUS_ADDRESS when set. Exit status: "
                "0 clean end, 1 fatal error (no bus, no netlink, names not obtainable, QEMU not "
-               "reachable or refusing the object), 2 bad usage.",
+               "reachable or refusing the object, or any unexpected error), 2 bad usage.",
     )
     parser.add_argument("vmid", type=vmid, metavar="VMID",
                         help="the VM (100..999999999); its entries carry this CONNMARK")

@@ -3,7 +3,7 @@
 A helper that is killed (SIGKILL, the OOM killer) leaves its ``dbus-vmstate``
 object in QEMU. The next migration of that VM without a helper then carries a
 section the destination does not expect, and the destination QEMU exits
-(shared/docs/PROTOCOL.md §3). The unit runs ``pve-dbus-vmstate --cleanup
+(seen with qemu-server's Perl helper). The unit runs ``pve-dbus-vmstate --cleanup
 VMID`` as ``ExecStopPost=``, after every end of the helper: after a clean exit
 there is nothing left, and a QEMU that is gone has nothing to remove either.
 """
@@ -24,15 +24,19 @@ log = logging.getLogger(__name__)
 
 
 def needed(environ: Mapping[str, str]) -> bool:
-    """Whether the helper may have left its object: not when it exited by itself.
+    """Whether the helper may have left its object: not when it exited cleanly.
 
     systemd tells ExecStopPost how the main process ended (``EXIT_CODE``:
-    ``exited``, ``killed`` or ``dumped``). A helper that exited ran its own
-    teardown, or never registered (a bad VMID, no QEMU); then the cleanup
-    stays silent, so such a start still leaves exactly one journal line. Run
-    by hand (no ``EXIT_CODE``), it always looks.
+    ``exited``, ``killed`` or ``dumped``; ``EXIT_STATUS``: the status or the
+    signal). A helper that exited 0 ran its own teardown, and one that exited
+    2 never started (a bad VMID); then the cleanup stays silent, so such a
+    start still leaves exactly one journal line. Exit status 1 is a fatal
+    end, which an unexpected error can cause after the object was added, so
+    it is looked for. Run by hand (no ``EXIT_CODE``), it always looks.
     """
-    return environ.get("EXIT_CODE", "killed") != "exited"
+    if environ.get("EXIT_CODE", "killed") != "exited":
+        return True
+    return environ.get("EXIT_STATUS") == "1"
 
 
 def run(settings: Settings) -> int:

@@ -438,10 +438,11 @@ def helper_factory(tmp_path: Path, system_bus: PrivateBus, qemu_factory: Any) ->
             helper.stop()
 
 
-def run_cleanup(qemu: Qemu, vmid: int = 100, exit_code: str = "killed") -> tuple[int, str]:
+def run_cleanup(qemu: Qemu, vmid: int = 100, exit_code: str = "killed", exit_status: str = "9") -> tuple[int, str]:
     """``pve-dbus-vmstate --cleanup VMID`` as the unit's ExecStopPost runs it: (status, stderr)."""
     out = subprocess.run(helper_command(None, str(vmid), "--cleanup", "--qmp-socket", str(qemu.qmp_path)),
-                         env=dict(os.environ, PYTHONPATH=str(REPO), EXIT_CODE=exit_code),
+                         env=dict(os.environ, PYTHONPATH=str(REPO), EXIT_CODE=exit_code,
+                                  EXIT_STATUS=exit_status),
                          capture_output=True, text=True, timeout=30, check=False)
     return out.returncode, out.stderr
 

@@ -193,8 +193,10 @@ def test_cleanup_removes_the_object_a_killed_helper_left(netns_factory: Factory,
     helper.signal(signal.SIGKILL)
     helper.wait_exit()
     assert "pve-vmstate" in qemu.objects()  # what a killed helper leaves
-    # After a helper that exited by itself, the cleanup does nothing at all.
-    assert run_cleanup(qemu, exit_code="exited") == (0, "")
+    # After a helper that exited by itself cleanly (0) or never started (2),
+    # the cleanup does nothing at all.
+    assert run_cleanup(qemu, exit_code="exited", exit_status="0") == (0, "")
+    assert run_cleanup(qemu, exit_code="exited", exit_status="2") == (0, "")
     assert "pve-vmstate" in qemu.objects()
     code, err = run_cleanup(qemu)
     assert code == 0 and "pve-vmstate" not in qemu.objects()
@@ -203,3 +205,17 @@ def test_cleanup_removes_the_object_a_killed_helper_left(netns_factory: Factory,
     qemu.stop()
     code, err = run_cleanup(qemu)
     assert code == 0 and err.startswith("<6>cleanup: nothing removed from the QEMU of VM 100: ")
+
+
+def test_cleanup_after_a_fatal_exit_removes_a_left_object(netns_factory: Factory, helper_factory: Factory,
+                                                           qemu_factory: Factory) -> None:
+    # Exit status 1 can come from an unexpected error after the object was
+    # added: ExecStopPost then looks, and removes what is left.
+    qemu = qemu_factory("vm")
+    helper = helper_factory(netns_factory(), VMID, qemu=qemu)
+    helper.signal(signal.SIGKILL)
+    helper.wait_exit()
+    assert "pve-vmstate" in qemu.objects()
+    code, err = run_cleanup(qemu, exit_code="exited", exit_status="1")
+    assert code == 0 and "pve-vmstate" not in qemu.objects()
+    assert err == "<4>cleanup: removed the dbus-vmstate object the helper of VM 100 left behind\n"

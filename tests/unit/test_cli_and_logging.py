@@ -86,7 +86,9 @@ def test_cleanup_is_silent_after_a_helper_that_exited(capsys: pytest.CaptureFixt
 
 
 @pytest.mark.parametrize(("environ", "needed"), [
-    ({}, True), ({"EXIT_CODE": "killed"}, True), ({"EXIT_CODE": "dumped"}, True), ({"EXIT_CODE": "exited"}, False),
+    ({}, True), ({"EXIT_CODE": "killed"}, True), ({"EXIT_CODE": "dumped"}, True),
+    ({"EXIT_CODE": "exited", "EXIT_STATUS": "0"}, False), ({"EXIT_CODE": "exited", "EXIT_STATUS": "2"}, False),
+    ({"EXIT_CODE": "exited", "EXIT_STATUS": "1"}, True),
 ])
 def test_cleanup_needed_unless_the_helper_exited(environ: dict[str, str], needed: bool) -> None:
     assert cleanup.needed(environ) is needed
