@@ -94,15 +94,16 @@ EXIT_FAILURE = 1
 
 @dataclass(frozen=True, slots=True)
 class Settings:
-    """Everything the command line decides."""
+    """What the command line decides; the rest are this module's constants.
+
+    The bus is not among them: QEMU is always told the address of the bus the
+    helper itself is on (``DBUS_SYSTEM_BUS_ADDRESS``, else the system bus).
+    """
 
     vmid: int
     linger: float = DEFAULT_LINGER
-    takeover_timeout: float = TAKEOVER_TIMEOUT
     qmp_socket: str = ""
     qmp_timeout: float = QMP_TIMEOUT
-    bus_address: str = ""
-    follow_timeout: float = FOLLOW_TIMEOUT
     payload_format: str = "auto"
     table_reserve: float = DEFAULT_TABLE_RESERVE
 
@@ -118,6 +119,13 @@ class Settings:
         """
         timeout = self.qmp_timeout
         return QemuObject(self.monitor, bus_address, helper_id(self.vmid), lambda path: QMPClient(path, timeout))
+
+
+async def _cancelled(task: asyncio.Task[None]) -> None:
+    """Cancel ``task`` and wait until it has ended."""
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 def _ignore_stop_signals(loop: asyncio.AbstractEventLoop) -> None:
@@ -154,7 +162,7 @@ class Daemon:
         self.settings = settings
         self._bus_factory = bus_factory
         self._backend_factory = backend_factory
-        self.qemu = qemu or settings.qemu_object(settings.bus_address or system_bus_address())
+        self.qemu = qemu or settings.qemu_object(system_bus_address())
         self._stop: asyncio.Event | None = None
         self._reason = ""
         self._exit = EXIT_OK
@@ -171,6 +179,11 @@ class Daemon:
     def exit_status(self) -> int:
         """The status :meth:`run` returns (or would have, had it not been interrupted)."""
         return self._exit
+
+    @property
+    def registered(self) -> bool:
+        """Whether QEMU may hold this helper's object now."""
+        return self._registered
 
     # -------------------------------------------------------- Lifecycle
 
@@ -219,41 +232,65 @@ class Daemon:
     # -------------------------------------------------------- running
 
     async def run(self) -> int:
-        """Run until stopped; return the process exit status."""
+        """Run until stopped; return the process exit status.
+
+        Every resource registers its release on one exit stack as soon as it
+        is acquired, so the teardown runs in reverse order by construction:
+        tell systemd we stop, wait for pending Save/Load answers, stop the
+        linger timer and the migration follower (awaited, so that it is off
+        the single-client monitor before the next QMP session), remove the
+        QEMU object, stop watching the names and release them, stop the bus
+        watchdog, unexport, close the bus and the conntrack socket.
+        """
         self._stop = asyncio.Event()
         vmid = self.settings.vmid
-        try:
-            backend = self._backend_factory()
-        except VMStateError as err:
-            log.error("cannot use the conntrack table: %s", err)
-            self._exit = EXIT_FAILURE
-            return EXIT_FAILURE
-        try:
-            return await self._serve(backend)
-        finally:
-            _ignore_stop_signals(asyncio.get_running_loop())
-            backend.close()
-            log.info("helper for VM %d exiting: %s", vmid, self._reason or "error")
-
-    async def _serve(self, backend: ConntrackBackend) -> int:
-        vmid = self.settings.vmid
-        try:
-            bus = self._bus_factory()
-            bus.method_call_timeout_usec = BUS_CALL_TIMEOUT_USEC
-        except (OSError, SdBusBaseError) as err:
-            log.error("cannot connect to the system bus: %s", err)
-            self._reason, self._exit = "no bus", EXIT_FAILURE
-            return EXIT_FAILURE
         loop = asyncio.get_running_loop()
-        for sig in STOP_SIGNALS:
-            loop.add_signal_handler(sig, self.on_signal, sig.name)
-        driver = BusDriver.new_proxy(BUS_DRIVER_NAME, BUS_DRIVER_PATH, bus)
-        service = VMStateService(VMState(vmid, backend, fmt=self.settings.payload_format,
-                                           reserve=self.settings.table_reserve), self)
-        handle = service.export_to_dbus(VMSTATE_PATH, bus)
-        watcher = asyncio.create_task(self._watch_names(driver))
-        watchdog = asyncio.create_task(self._watch_connection(bus))
-        names: list[str] = []
+        async with contextlib.AsyncExitStack() as stack:
+            stack.callback(self._log_exit)
+            # Last of all: nothing is left for a signal to stop.
+            stack.callback(_ignore_stop_signals, loop)
+            try:
+                backend = self._backend_factory()
+            except VMStateError as err:
+                log.error("cannot use the conntrack table: %s", err)
+                self._reason, self._exit = "no conntrack table", EXIT_FAILURE
+                return EXIT_FAILURE
+            stack.callback(backend.close)
+            try:
+                bus = self._bus_factory()
+                bus.method_call_timeout_usec = BUS_CALL_TIMEOUT_USEC
+            except (OSError, SdBusBaseError) as err:
+                log.error("cannot connect to the system bus: %s", err)
+                self._reason, self._exit = "no bus", EXIT_FAILURE
+                return EXIT_FAILURE
+            stack.callback(bus.close)
+            # The handlers stay until the end of the teardown: a signal during
+            # it must not end the process before the pending answers went out.
+            for sig in STOP_SIGNALS:
+                loop.add_signal_handler(sig, self.on_signal, sig.name)
+            driver = BusDriver.new_proxy(BUS_DRIVER_NAME, BUS_DRIVER_PATH, bus)
+            service = VMStateService(VMState(vmid, backend, fmt=self.settings.payload_format,
+                                               reserve=self.settings.table_reserve), self)
+            stack.callback(service.export_to_dbus(VMSTATE_PATH, bus).stop)
+            stack.push_async_callback(_cancelled, asyncio.create_task(self._watch_connection(bus)))
+            names: list[str] = []
+            stack.push_async_callback(self._release, driver, names)
+            # Watching starts before the names are requested (a takeover may
+            # come at once) and ends before they are released (losing them is
+            # then no news).
+            stack.push_async_callback(_cancelled, asyncio.create_task(self._watch_names(driver)))
+            stack.push_async_callback(self._unregister, "the helper exits")
+            stack.push_async_callback(self._stop_following)
+            stack.callback(self._cancel_linger)
+            stack.push_async_callback(self._drain, service)
+            stack.callback(sd_notify, "STOPPING=1")
+            return await self._serve(driver, bus, names)
+
+    def _log_exit(self) -> None:
+        log.info("helper for VM %d exiting: %s", self.settings.vmid, self._reason or "error")
+
+    async def _serve(self, driver: BusDriver, bus: SdBus, names: list[str]) -> int:
+        vmid = self.settings.vmid
         try:
             unique = await self._take_names(bus, driver, names)
             await self._register()
@@ -273,23 +310,17 @@ class Daemon:
             log.error("cannot register with the QEMU of VM %d: %s", vmid, err)
             self._reason, self._exit = "not registered with QEMU", EXIT_FAILURE
             return EXIT_FAILURE
-        finally:
-            # The signal handlers stay until the end of the teardown: a signal
-            # now must not end the process before the pending answers went out.
-            sd_notify("STOPPING=1")
-            if self._linger is not None:
-                self._linger.cancel()
-            watcher.cancel()
-            if not self._bus_lost:
-                await self._drain(service)
-            if self._follow is not None:
-                self._follow.cancel()
-            await self._unregister("the helper exits")
-            if not self._bus_lost:
-                await self._release(driver, names)
-            watchdog.cancel()
-            handle.stop()
-            bus.close()
+
+    def _cancel_linger(self) -> None:
+        if self._linger is not None:
+            self._linger.cancel()
+
+    async def _stop_following(self) -> None:
+        # Awaited, not just cancelled: the follower may hold a session on the
+        # VM's monitor, which serves one client at a time, and the teardown's
+        # next step opens one to remove the object.
+        if self._follow is not None:
+            await _cancelled(self._follow)
 
     async def _register(self) -> None:
         qemu = self.qemu
@@ -312,6 +343,8 @@ class Daemon:
         self._registered = False
 
     async def _drain(self, service: VMStateService) -> None:
+        if self._bus_lost:
+            return  # nobody is left to read an answer
         try:
             await asyncio.wait_for(service.drained(), DRAIN_TIMEOUT)
         except TimeoutError:
@@ -322,12 +355,12 @@ class Daemon:
         # has left inmigrate the object has served and must go, so that a later
         # migration without conntrack state does not meet a section nobody sends.
         try:
-            state = await self.qemu.wait_incoming_done(self.settings.follow_timeout)
+            state = await self.qemu.wait_incoming_done(FOLLOW_TIMEOUT)
         except QMPError as err:
             log.info("stopped following the incoming migration: %s", err)
             return
         if state is None:
-            log.warning("QEMU still in inmigrate %.0f s after Load", self.settings.follow_timeout)
+            log.warning("QEMU still in inmigrate %.0f s after Load", FOLLOW_TIMEOUT)
             return
         log.info("incoming migration finished, VM is %s", state)
         await self._unregister("incoming migration finished")
@@ -337,12 +370,12 @@ class Daemon:
         # VM keeps running here, and an object left behind would break its next
         # migration, so it goes now and so does the helper.
         try:
-            state = await self.qemu.wait_outgoing_done(self.settings.follow_timeout)
+            state = await self.qemu.wait_outgoing_done(FOLLOW_TIMEOUT)
         except QMPError as err:
             log.info("stopped following the outgoing migration: %s", err)
             return
         if state is None:
-            log.warning("migration still not finished %.0f s after Save", self.settings.follow_timeout)
+            log.warning("migration still not finished %.0f s after Save", FOLLOW_TIMEOUT)
         elif state == "completed":
             log.info("outgoing migration completed")
         else:
@@ -377,11 +410,11 @@ class Daemon:
 
     async def _wait_gone(self, driver: BusDriver, unique: str) -> None:
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.settings.takeover_timeout
+        deadline = loop.time() + TAKEOVER_TIMEOUT
         while await driver.name_has_owner(unique):
             if loop.time() > deadline:
                 raise BusError("stale helper %s did not leave the bus within %.0f s"
-                               % (unique, self.settings.takeover_timeout))
+                               % (unique, TAKEOVER_TIMEOUT))
             await asyncio.sleep(0.02)
 
     async def _watch_names(self, driver: BusDriver) -> None:
@@ -413,6 +446,8 @@ class Daemon:
                 return
 
     async def _release(self, driver: BusDriver, names: list[str]) -> None:
+        if self._bus_lost:
+            return
         for name in reversed(names):
             try:
                 await driver.release_name(name)
