@@ -15,13 +15,11 @@ import errno
 import logging
 import os
 import socket
-from collections import Counter
-from dataclasses import dataclass, field
 
 from pyroute2 import NFCTSocket
 
 from . import nlmsg
-from .entry import Entry
+from .entry import CreateResult, Entry, TableStats
 from .errors import ConntrackError
 
 log = logging.getLogger(__name__)
@@ -36,38 +34,6 @@ ACK_COST = 1024
 # One sendmsg stays well under the send buffer (EMSGSIZE otherwise).
 MAX_SEND = 256 << 10
 DUMP_ATTEMPTS = 4
-
-
-@dataclass(slots=True)
-class CreateResult:
-    """Outcome of creating a batch of entries."""
-
-    created: int = 0
-    failed: Counter[int] = field(default_factory=Counter)
-    # Replies the kernel dropped (ENOBUFS): those entries' fate is unknown.
-    unknown: int = 0
-    #: Of ``created``: NAT entries the kernel gave another mapping, because
-    #: the one they carried is held by another entry on this host.
-    remapped: int = 0
-
-    @property
-    def failed_total(self) -> int:
-        return sum(self.failed.values())
-
-    def add(self, other: CreateResult) -> None:
-        """Count ``other``'s outcome into this one."""
-        self.created += other.created
-        self.failed.update(other.failed)
-        self.unknown += other.unknown
-        self.remapped += other.remapped
-
-
-@dataclass(frozen=True, slots=True)
-class TableStats:
-    """How full the conntrack table of the socket's namespace is."""
-
-    count: int
-    maximum: int
 
 
 def _reply_differs(e: Entry) -> bool:

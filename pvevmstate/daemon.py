@@ -52,7 +52,6 @@ from sdbus.sd_bus_internals import (
     NameReplaceExistingFlag,
 )
 
-from .conntrack import Conntrack
 from .dbus_api import (
     BUS_DRIVER_NAME,
     BUS_DRIVER_PATH,
@@ -143,6 +142,17 @@ def _ignore_stop_signals(loop: asyncio.AbstractEventLoop) -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
+def open_table() -> ConntrackBackend:
+    """The conntrack table of this process's network namespace.
+
+    Imported here, not at the top: only a real table needs pyroute2, so the
+    D-Bus layer and its tests do not.
+    """
+    from .conntrack import Conntrack
+
+    return Conntrack()
+
+
 class Daemon:
     """One helper process for one VM.
 
@@ -156,7 +166,7 @@ class Daemon:
         self,
         settings: Settings,
         bus_factory: Callable[[], SdBus] = sd_bus_open_system,
-        backend_factory: Callable[[], ConntrackBackend] = Conntrack,
+        backend_factory: Callable[[], ConntrackBackend] = open_table,
         qemu: QemuObject | None = None,
     ) -> None:
         self.settings = settings

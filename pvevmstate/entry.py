@@ -1,4 +1,5 @@
-"""The conntrack entry as this package carries it, plus the kernel's numbers.
+"""The model: the conntrack entry as this package carries it, the kernel's
+numbers, and what creating entries and reading the table's fill report.
 
 One flat, slotted record per entry: the netlink decoder fills it, the save-text
 codec prints and parses it, the netlink encoder turns it into a create request.
@@ -9,7 +10,8 @@ entry inside the VM's migration downtime.
 from __future__ import annotations
 
 import socket
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 
 AF_INET = socket.AF_INET
 AF_INET6 = socket.AF_INET6
@@ -129,3 +131,35 @@ class Entry:
         """True when the save text shows the reply source as ``-g`` (destination NAT)."""
         st = self.status
         return (st is None or bool(st & IPS_DST_NAT_DONE)) and self.reply_src != self.orig_dst
+
+
+@dataclass(slots=True)
+class CreateResult:
+    """Outcome of creating a batch of entries."""
+
+    created: int = 0
+    failed: Counter[int] = field(default_factory=Counter)
+    # Replies the kernel dropped (ENOBUFS): those entries' fate is unknown.
+    unknown: int = 0
+    #: Of ``created``: NAT entries the kernel gave another mapping, because
+    #: the one they carried is held by another entry on this host.
+    remapped: int = 0
+
+    @property
+    def failed_total(self) -> int:
+        return sum(self.failed.values())
+
+    def add(self, other: CreateResult) -> None:
+        """Count ``other``'s outcome into this one."""
+        self.created += other.created
+        self.failed.update(other.failed)
+        self.unknown += other.unknown
+        self.remapped += other.remapped
+
+
+@dataclass(frozen=True, slots=True)
+class TableStats:
+    """How full the conntrack table of the socket's namespace is."""
+
+    count: int
+    maximum: int

@@ -16,8 +16,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from . import codec, payload
-from .conntrack import CreateResult, TableStats
-from .entry import Entry
+from .entry import CreateResult, Entry, TableStats
 from .errors import errno_text
 
 log = logging.getLogger(__name__)

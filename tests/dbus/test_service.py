@@ -11,9 +11,8 @@ from typing import Any
 import pytest
 from sdbus import DbusFailedError, SdBus, sd_bus_open_system
 
-from pvevmstate.conntrack import CreateResult, TableStats
 from pvevmstate.dbus_api import VMSTATE_PATH, VMState1Interface, VMStateHelperInterface
-from pvevmstate.entry import Entry
+from pvevmstate.entry import CreateResult, Entry, TableStats
 from pvevmstate.errors import ConntrackError, VMStateError
 from pvevmstate.service import VMStateService
 from pvevmstate.vmstate import VMState
