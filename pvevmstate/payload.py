@@ -31,8 +31,6 @@ CLASSES = ("established TCP", "other TCP", "assured UDP", "other")
 _TCP_ESTABLISHED = 3
 #: No save line is shorter than this: more entries than limit / this cannot fit as text.
 MIN_TEXT_LINE = 90
-#: Rounds of shrinking a compact payload that came out over the limit.
-MAX_SHRINK_ROUNDS = 8
 
 
 def priority_class(e: Entry) -> int:
@@ -47,7 +45,7 @@ def priority_class(e: Entry) -> int:
 
 def by_priority(entries: Sequence[Entry]) -> list[Entry]:
     """The entries, most important first (stable within equal keys)."""
-    return sorted(entries, key=lambda e: (priority_class(e), -(e.timeout or 0)))
+    return sorted(entries, key=_priority_key)
 
 
 @dataclass(slots=True)
@@ -89,22 +87,31 @@ def encode(entries: Sequence[Entry], mark: int, limit: int = MAX_PAYLOAD, fmt: s
     return _encode_compact(entries, limit)
 
 
+def _priority_key(e: Entry) -> tuple[int, int]:
+    return priority_class(e), -(e.timeout or 0)
+
+
 def _encode_compact(entries: Sequence[Entry], limit: int) -> Payload:
-    ordered: Sequence[Entry] = entries
-    if len(entries) > compact.MAX_RECORDS:
+    # The records are built once (most of the cost); when everything does not
+    # fit, they are put in priority order and the largest prefix that fits is
+    # found by sizing prefixes exactly, not by estimating from the unsorted
+    # table (which sent ~72,000 of 120,000 entries where ~94,000 fit).
+    if len(entries) <= compact.MAX_RECORDS:
+        recs = compact.records(entries)
+        data = compact.encode_records(recs)
+        if len(data) <= limit:
+            return Payload(data, "compact", len(entries))
+        per_record = (len(data) - compact.HEADER.size) / len(entries)
+        order = sorted(range(len(entries)), key=lambda i: _priority_key(entries[i]))
+        ordered = [entries[i] for i in order]
+        recs = [recs[i] for i in order]
+    else:
         ordered = by_priority(entries)
-    n = min(len(ordered), compact.MAX_RECORDS)
-    data = compact.encode(ordered[:n])
-    rounds = 0
-    while len(data) > limit:
-        if ordered is entries:
-            ordered = by_priority(entries)
-        rounds += 1
-        # Compressed size grows about linearly with the entries; aim a little low.
-        n = int(n * limit / len(data) * 0.98) if rounds < MAX_SHRINK_ROUNDS else n // 2
-        if n <= 0:
-            return Payload(NO_STATE, "none", 0, _left_out(ordered))
-        data = compact.encode(ordered[:n])
+        recs = compact.records(ordered[:compact.MAX_RECORDS])
+        per_record = 16.0  # a typical table's bytes per entry; only the first guess
+    n, data = compact.largest_prefix(recs, limit, per_record)
+    if n == 0:
+        return Payload(NO_STATE, "none", 0, _left_out(ordered))
     return Payload(data, "compact", n, _left_out(ordered[n:]))
 
 

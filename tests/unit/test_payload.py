@@ -146,6 +146,63 @@ def test_what_is_left_out_matters_least(fmt: str, limit: int) -> None:
     assert out.left_out == Counter(payload.CLASSES[payload.priority_class(e)] for e in rank[out.sent:])
 
 
+@pytest.fixture(scope="module")
+def busy_table() -> list[Entry]:
+    """120,000 entries of the benchmark's mix: far more than fit in 1 MiB."""
+    return parsed(realistic_lines(120_000, seed=11))
+
+
+def test_above_capacity_sends_the_largest_priority_prefix_that_fits(busy_table: list[Entry]) -> None:
+    out = payload.encode(busy_table, 100)
+    ordered = payload.by_priority(busy_table)
+    assert out.format == "compact" and len(out.data) <= payload.MAX_PAYLOAD
+    # Issue 11: the shrink step sent ~72,000 here while ~94,000 fit.
+    assert out.sent >= 90_000
+    # Exactly the payload of the priority prefix, and one entry more would not fit.
+    assert out.data == compact.encode(ordered[:out.sent])
+    assert len(compact.encode(ordered[:out.sent + 1])) > payload.MAX_PAYLOAD
+    assert out.left_out == Counter(payload.CLASSES[payload.priority_class(e)] for e in ordered[out.sent:])
+    decoded = payload.decode(out.data, 100)
+    assert decoded.refused == 0 and decoded.entries == ordered[:out.sent]
+
+
+@pytest.mark.parametrize("limit", [60, 200, 1500, 4000, 20_000])
+def test_largest_prefix_is_exact_for_any_limit(limit: int) -> None:
+    entries = payload.by_priority(parsed(realistic_lines(3000, seed=limit)))
+    recs = compact.records(entries)
+    n, data = compact.largest_prefix(recs, limit, 14.0)
+    if n == 0:
+        assert data == b"" and len(compact.encode(entries[:1])) > limit
+        return
+    assert data == compact.encode(entries[:n]) and len(data) <= limit
+    assert n == len(entries) or len(compact.encode(entries[:n + 1])) > limit
+
+
+@pytest.mark.parametrize("per_record", [0.1, 3.0, 14.0, 400.0])
+def test_largest_prefix_does_not_depend_on_the_first_guess(per_record: float) -> None:
+    # A wrong guess costs probes, never the answer.
+    entries = payload.by_priority(parsed(realistic_lines(4000, seed=2)))
+    recs = compact.records(entries)
+    n, data = compact.largest_prefix(recs, 30_000, per_record)
+    assert (n, data) == compact.largest_prefix(recs, 30_000, 14.0)
+    assert len(data) <= 30_000 < len(compact.encode(entries[:n + 1]))
+
+
+def test_everything_fits_means_everything_is_sent() -> None:
+    entries = parsed(realistic_lines(500, seed=4))
+    n, data = compact.largest_prefix(compact.records(entries), payload.MAX_PAYLOAD, 14.0)
+    assert n == 500 and data == compact.encode(entries)
+
+
+def test_text_above_capacity_sends_the_largest_priority_prefix(busy_table: list[Entry]) -> None:
+    table = busy_table[:20_000]
+    out = payload.encode(table, 100, fmt="text")
+    ordered = payload.by_priority(table)
+    lines = [codec.render_line(e) + " --mark 100\n" for e in ordered]
+    assert out.format == "text" and out.data == "".join(lines[:out.sent]).encode()
+    assert len(out.data) <= payload.MAX_PAYLOAD < len(out.data) + len(lines[out.sent])
+
+
 def test_priority_classes() -> None:
     tcp = Entry(AF_INET, PROTO_TCP, V4A, V4B, V4B, V4A, state=3, status=IPS_ASSURED)
     assert payload.priority_class(tcp) == 0
