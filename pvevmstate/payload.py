@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from . import codec, compact
-from .entry import IPS_ASSURED, PROTO_TCP, PROTO_UDP, Entry
+from .entry import IPS_ASSURED, IPS_EXPECTED, PROTO_TCP, PROTO_UDP, Entry
 from .errors import CodecError
 
 FORMATS = ("auto", "text", "compact")
@@ -55,11 +55,19 @@ class Payload:
     data: bytes
     format: str
     sent: int
+    #: Left out for lack of room, by priority class.
     left_out: Counter[str] = field(default_factory=Counter)
+    #: Expected (helper-made) entries, left out in every format: no kernel
+    #: creates one on request (EBUSY), and one such line stops conntrack(8).
+    expected: int = 0
+    #: Left out of save text because conntrack(8) would refuse their lines,
+    #: by reason (codec.text_problem).
+    not_text: Counter[str] = field(default_factory=Counter)
 
     @property
     def left_out_total(self) -> int:
-        return sum(self.left_out.values())
+        """Every dumped entry that was not sent, for whatever reason."""
+        return sum(self.left_out.values()) + self.expected + sum(self.not_text.values())
 
 
 def _left_out(entries: Sequence[Entry]) -> Counter[str]:
@@ -74,16 +82,35 @@ def encode(entries: Sequence[Entry], mark: int, limit: int = MAX_PAYLOAD, fmt: s
     :param limit: byte budget, at least 1
     :param fmt: ``auto``, ``text`` or ``compact``
     """
+    sendable = [e for e in entries if not (e.status or 0) & IPS_EXPECTED]
+    out = _encode(sendable, mark, limit, fmt)
+    out.expected = len(entries) - len(sendable)
+    return out
+
+
+def _encode(entries: list[Entry], mark: int, limit: int, fmt: str) -> Payload:
     if not entries:
         return Payload(NO_STATE, "none", 0)
     if fmt == "text" or (fmt == "auto" and len(entries) * MIN_TEXT_LINE <= limit):
-        text = codec.encode_text(entries, mark, limit)
+        # Only lines conntrack --load-file takes: the Perl helper's Load would
+        # refuse the whole payload for one it cannot parse, or stop at one the
+        # kernel refuses. `auto` stays text then (a Perl destination gets all
+        # it can load); the rest is counted.
+        not_text: Counter[str] = Counter()
+        lines: list[Entry] = []
+        for e in entries:
+            problem = codec.text_problem(e)
+            if problem is None:
+                lines.append(e)
+            else:
+                not_text[problem] += 1
+        text = codec.encode_text(lines, mark, limit)
         if not text.left_out:
-            return Payload(text.data, "text", text.sent)
+            return Payload(text.data, "text" if text.sent else "none", text.sent, not_text=not_text)
         if fmt == "text":
-            ordered = by_priority(entries)
+            ordered = by_priority(lines)
             text = codec.encode_text(ordered, mark, limit)
-            return Payload(text.data, "text", text.sent, _left_out(ordered[text.sent:]))
+            return Payload(text.data, "text", text.sent, _left_out(ordered[text.sent:]), not_text=not_text)
     return _encode_compact(entries, limit)
 
 

@@ -203,6 +203,44 @@ def test_text_above_capacity_sends_the_largest_priority_prefix(busy_table: list[
     assert len(out.data) <= payload.MAX_PAYLOAD < len(out.data) + len(lines[out.sent])
 
 
+def with_expected_and_untextable() -> tuple[list[Entry], int, int]:
+    """Realistic entries plus expected ones and ones conntrack(8) cannot load from text."""
+    entries = parsed(realistic_lines(300, seed=5))
+    expected = [Entry(AF_INET, PROTO_TCP, V4A, V4B, V4B, V4A, sport=40000 + i, dport=2000, reply_sport=2000,
+                      reply_dport=40000 + i, timeout=300, status=IPS_EXPECTED | IPS_SEEN_REPLY, state=3)
+                for i in range(4)]
+    untextable = [Entry(AF_INET, PROTO_SCTP, V4A, V4B, V4B, V4A, sport=1, dport=2, reply_sport=2, reply_dport=1,
+                        timeout=30, status=0, state=8, vtag_orig=1, vtag_reply=2),  # "(null)": conntrack crashes
+                  Entry(AF_INET, PROTO_TCP, V4A, V4C, V4C, V4A, sport=3, dport=4, reply_sport=4, reply_dport=3,
+                        status=IPS_ASSURED)]  # offloaded: no timeout, no state
+    mixed = entries[:100] + expected[:2] + untextable + entries[100:] + expected[2:]
+    return mixed, len(expected), len(untextable)
+
+
+@pytest.mark.parametrize("fmt", payload.FORMATS)
+def test_expected_entries_are_never_sent(fmt: str) -> None:
+    entries, n_expected, n_untextable = with_expected_and_untextable()
+    out = payload.encode(entries, 100, fmt=fmt)
+    assert out.expected == n_expected
+    decoded = payload.decode(out.data, 100)
+    assert decoded.refused == 0 and not any((e.status or 0) & IPS_EXPECTED for e in decoded.entries)
+    assert out.sent + out.left_out_total == len(entries)
+    if out.format == "text":
+        # auto stays text (what a Perl destination reads) and counts the lines it cannot send.
+        assert out.not_text == Counter({"state conntrack cannot load": 1, "no timeout (offloaded)": 1})
+        assert out.sent == len(entries) - n_expected - n_untextable
+        assert all(codec.text_problem(e) is None for e in decoded.entries)
+    else:
+        assert out.sent == len(entries) - n_expected and not out.not_text
+
+
+def test_text_above_capacity_leaves_out_unloadable_lines_too() -> None:
+    entries, _, _ = with_expected_and_untextable()
+    out = payload.encode(entries, 100, limit=5000, fmt="text")
+    assert out.expected == 4 and sum(out.not_text.values()) == 2 and out.left_out_total == len(entries) - out.sent
+    assert len(out.data) <= 5000
+
+
 def test_priority_classes() -> None:
     tcp = Entry(AF_INET, PROTO_TCP, V4A, V4B, V4B, V4A, state=3, status=IPS_ASSURED)
     assert payload.priority_class(tcp) == 0
