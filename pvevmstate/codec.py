@@ -28,6 +28,7 @@ from .entry import (
     ICMPV6_REPLY_TYPE,
     IPS_DST_NAT,
     IPS_DST_NAT_DONE,
+    IPS_EXPECTED,
     IPS_SRC_NAT,
     IPS_SRC_NAT_DONE,
     NULL_NAME,
@@ -89,6 +90,8 @@ _STATUS_TEXT: dict[int, str] = {}
 _PORT_KEYS = ("--sport", "--dport", "--reply-port-src", "--reply-port-dst")
 _GRE_KEYS = ("--srckey", "--dstkey", "--reply-key-src", "--reply-key-dst")
 _STATE_NAMES = {PROTO_TCP: TCP_STATES, PROTO_SCTP: SCTP_STATES, PROTO_DCCP: DCCP_STATES}
+#: DCCP states a DCCP tracker accepts in a create request (below IGNORE).
+_DCCP_CREATABLE = 8
 #: Addresses already printed: a VM's entries share few addresses (its own ones
 #: above all), and inet_ntop costs more than a lookup. Bounded, cleared when full.
 _NTOP_CACHE: dict[tuple[int, bytes], str] = {}
@@ -104,6 +107,76 @@ def _ntop(family: int, addr: bytes) -> str:
             _NTOP_CACHE.clear()
         _NTOP_CACHE[key] = text
     return text
+
+
+#: What follows ``-p dccp`` for a DCCP entry without ports. Linux >= 6.16 has no DCCP
+#: tracker: the generic one keeps DCCP flows as protocol 33 without ports or
+#: state, and conntrack(8) prints that as a bare ``-p dccp``, which its own
+#: --load-file refuses as a whole file ("You need to supply the `--state'
+#: option", exit 2); ``-p 33`` is the same extension, and ``-p 033`` is read
+#: as octal (27). conntrack 1.4.7 does load this form (tried on 6.18), and
+#: the generic tracker ignores ports and state, so the entry comes back
+#: exactly as it was; all four ports are needed (without the reply pair the
+#: kernel answers EINVAL). A destination that does have a DCCP tracker
+#: creates a harmless entry with ports 0 that no packet matches.
+DCCP_PORTLESS = " --sport 0 --dport 0 --reply-port-src 0 --reply-port-dst 0 --state NONE --role client"
+
+
+def text_problem(e: Entry) -> str | None:
+    """Why ``conntrack --load-file`` (1.4.7) would refuse or stop on this entry's line, or None.
+
+    The Perl helper's Load pipes the save text into conntrack(8), which
+    rejects a whole file for one line it cannot parse (exit 2, nothing
+    created) and stops at the first line the kernel refuses (exit 1, the
+    rest not created). So Save leaves such entries out of the text; these
+    are the cases conntrack 1.4.7 on Linux 6.18 refuses, found by trying
+    each (the reasons are what the journal counts):
+
+    * ``-u EXPECTED``: the kernel refuses to create it (EBUSY), always;
+    * no ``-t`` (offloaded flows): "You need to supply the `--timeout' option";
+    * TCP, UDP, UDP-Lite, SCTP without ports, GRE without keys: "you have
+      to specify `--sport' and `--dport'"; TCP/SCTP/DCCP without a state;
+      SCTP without both vtags;
+    * a state conntrack has no name for (SCTP 8 HEARTBEAT_SENT prints as
+      ``(null)``, on which conntrack crashes), DCCP IGNORE/INVALID (EINVAL);
+    * ICMP types without a reply type (3, 11, ...: EINVAL), ICMP with IPv6
+      addresses or ICMPv6 with IPv4 ones (EINVAL).
+
+    Entries of other protocols (``-p 0``, ``-p 50``, ``-p 255``) and port-less
+    DCCP (:data:`DCCP_PORTLESS`) load fine.
+    """
+    st = e.status
+    if st is not None and st & IPS_EXPECTED:
+        return "expected"
+    if e.timeout is None:
+        return "no timeout (offloaded)"
+    if (e.zone, e.orig_zone, e.reply_zone).count(None) < 2:
+        return "two zones"  # the kernel keeps one zone: EINVAL
+    proto = e.proto
+    if proto in (PROTO_ICMP, PROTO_ICMPV6):
+        v6 = proto == PROTO_ICMPV6
+        if e.family != (AF_INET6 if v6 else AF_INET):
+            return "ICMP of the other address family"
+        if e.icmp_type not in (ICMPV6_REPLY_TYPE if v6 else ICMP_REPLY_TYPE) or e.icmp_code is None:
+            return "ICMP type that cannot be created"
+        return None
+    if proto not in _PROTO_KEYS:
+        return None
+    if e.sport is None and e.dport is None and e.state is None and proto == PROTO_DCCP:
+        return None  # the generic tracker's DCCP: written as DCCP_PORTLESS
+    if e.sport is None or e.dport is None or e.reply_sport is None or e.reply_dport is None:
+        return "without ports"
+    states = _STATE_NAMES.get(proto)
+    if states is not None:
+        if e.state is None:
+            return "without protocol state"
+        if not 0 <= e.state < (_DCCP_CREATABLE if proto == PROTO_DCCP else len(states)):
+            return "state conntrack cannot load"
+    if proto == PROTO_SCTP and (e.vtag_orig is None or e.vtag_reply is None):
+        return "SCTP without vtags"
+    if proto == PROTO_DCCP and (e.dccp_role is None or not 0 <= e.dccp_role < len(DCCP_ROLES)):
+        return "DCCP without role"
+    return None
 
 
 def render_line(e: Entry) -> str:
@@ -144,6 +217,8 @@ def render_line(e: Entry) -> str:
         if e.icmp_id is not None:
             line += "%sid %d" % (pre, e.icmp_id)
         return line
+    if proto == PROTO_DCCP and e.sport is None and e.dport is None and e.state is None:
+        return line + DCCP_PORTLESS
     ports = (e.sport, e.dport, e.reply_sport, e.reply_dport)
     keys = _GRE_KEYS if proto == PROTO_GRE else _PORT_KEYS
     sport, dport, rsport, rdport = ports
@@ -206,6 +281,7 @@ _PROTO_KEYS: dict[int, frozenset[str]] = {
     PROTO_ICMPV6: frozenset(("icmpv6-type", "icmpv6-code", "icmpv6-id")),
 }
 _NO_KEYS: frozenset[str] = frozenset()
+_DCCP_ONLY = _PROTO_KEYS[PROTO_DCCP]
 _STATUS_BY_NAME = {name: bit for bit, name in STATUS_TEXT_BITS}
 _TCP_STATE_BY_NAME = {name: i for i, name in enumerate(TCP_STATES)}
 _TCP_STATE_BY_NAME["LISTEN"] = 9  # conntrack's input alias for SYN_SENT2
@@ -360,7 +436,12 @@ def parse_line(line: str, mark: int | None = None) -> Entry:
               timeout=timeout, status=status, mark=line_mark,
               zone=zone, orig_zone=orig_zone, reply_zone=reply_zone)
 
-    if proto in _PROTO_KEYS and proto not in (PROTO_ICMP, PROTO_ICMPV6):
+    if proto == PROTO_DCCP and opts.keys().isdisjoint(_DCCP_ONLY):
+        # A bare "-p dccp": what conntrack(8) prints for the generic tracker's
+        # DCCP entries (Linux >= 6.16). The kernel creates them without ports,
+        # so they are accepted (a kernel with a DCCP tracker refuses them).
+        pass
+    elif proto in _PROTO_KEYS and proto not in (PROTO_ICMP, PROTO_ICMPV6):
         e.sport = _need(opts, "sport", 0xFFFF, pname)
         e.dport = _need(opts, "dport", 0xFFFF, pname)
         rs = _uint(opts, "reply-sport", 0xFFFF)

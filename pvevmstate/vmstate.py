@@ -152,9 +152,16 @@ class VMState:
         log.log(level, "Save: %d entries with mark %d, sent %d in %d bytes as %s (limit %d), left out %d, "
                 "%.1f ms", report.dumped, self.vmid, out.sent, len(out.data), out.format,
                 self._limit, left_out, report.ms)
-        if left_out:
+        if out.left_out:
             log.warning("Save: left out by class: %s", ", ".join(
                 "%d %s" % (out.left_out[c], c) for c in payload.CLASSES if out.left_out[c]))
+        if out.expected:
+            log.warning("Save: left out %d expected (helper-made) entries, which no kernel can create",
+                        out.expected)
+        if out.not_text:
+            log.warning("Save: left out %d entries whose save lines conntrack --load-file refuses: %s "
+                        "(--format compact carries them)", sum(out.not_text.values()), ", ".join(
+                            "%d %s" % (n, why) for why, n in sorted(out.not_text.items())))
         return report
 
     async def load(self, data: bytes) -> LoadReport:

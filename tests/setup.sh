@@ -10,7 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 venv=${VENV:-.venv}
-packages=(dbus-daemon conntrack iproute2 systemd qemu-system-x86 libnet-dbus-perl python3 python3-venv python3-pip)
+packages=(dbus-daemon conntrack iproute2 nftables systemd qemu-system-x86 libnet-dbus-perl python3 python3-venv python3-pip)
 missing=()
 for pkg in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

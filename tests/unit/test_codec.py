@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pvevmstate import codec
-from pvevmstate.entry import IPS_SRC_NAT_DONE, PROTO_ICMP, Entry
+from pvevmstate.entry import IPS_SRC_NAT_DONE, PROTO_DCCP, PROTO_ICMP, Entry
 from pvevmstate.errors import CodecError
 from tests.support import example_lines
 
@@ -44,6 +44,27 @@ def test_sctp_vtag_is_byte_swapped() -> None:
     # SAVE_FORMAT.md §5.4: text 12345 is the be32 attribute value 0x39300000.
     line = next(ln for ln in example_lines() if "--orig-vtag 12345" in ln)
     assert codec.parse_line(line).vtag_orig == 0x39300000
+
+
+BARE_DCCP = "-A -t 299 -u SEEN_REPLY -s 10.0.0.1 -d 10.0.0.2 -r 10.0.0.2 -q 10.0.0.1 -p dccp"
+
+
+def test_bare_dccp_line_is_a_portless_entry() -> None:
+    # What conntrack(8) prints for DCCP under the generic tracker (Linux >= 6.16).
+    e = codec.parse_line(BARE_DCCP + " --mark 100", mark=100)
+    assert (e.proto, e.sport, e.dport, e.reply_sport, e.reply_dport, e.state, e.dccp_role) == \
+        (PROTO_DCCP, None, None, None, None, None, None)
+    # Save writes it in the form conntrack --load-file takes, which reads back the same way
+    # on such a kernel (ports 0 and a state the generic tracker ignores).
+    line = codec.render_line(e)
+    assert line == BARE_DCCP + codec.DCCP_PORTLESS and codec.text_problem(e) is None
+    assert codec.render_line(codec.parse_line(line)) == line
+
+
+@pytest.mark.parametrize("partial", ["--sport 1 --dport 2", "--state OPEN --role client"])
+def test_partial_dccp_lines_are_still_refused(partial: str) -> None:
+    with pytest.raises(CodecError, match=r"needs --|missing --"):
+        codec.parse_line(BARE_DCCP + " " + partial)
 
 
 BAD = [

@@ -146,6 +146,101 @@ def test_what_is_left_out_matters_least(fmt: str, limit: int) -> None:
     assert out.left_out == Counter(payload.CLASSES[payload.priority_class(e)] for e in rank[out.sent:])
 
 
+@pytest.fixture(scope="module")
+def busy_table() -> list[Entry]:
+    """120,000 entries of the benchmark's mix: far more than fit in 1 MiB."""
+    return parsed(realistic_lines(120_000, seed=11))
+
+
+def test_above_capacity_sends_the_largest_priority_prefix_that_fits(busy_table: list[Entry]) -> None:
+    out = payload.encode(busy_table, 100)
+    ordered = payload.by_priority(busy_table)
+    assert out.format == "compact" and len(out.data) <= payload.MAX_PAYLOAD
+    # Issue 11: the shrink step sent ~72,000 here while ~94,000 fit.
+    assert out.sent >= 90_000
+    # Exactly the payload of the priority prefix, and one entry more would not fit.
+    assert out.data == compact.encode(ordered[:out.sent])
+    assert len(compact.encode(ordered[:out.sent + 1])) > payload.MAX_PAYLOAD
+    assert out.left_out == Counter(payload.CLASSES[payload.priority_class(e)] for e in ordered[out.sent:])
+    decoded = payload.decode(out.data, 100)
+    assert decoded.refused == 0 and decoded.entries == ordered[:out.sent]
+
+
+@pytest.mark.parametrize("limit", [60, 200, 1500, 4000, 20_000])
+def test_largest_prefix_is_exact_for_any_limit(limit: int) -> None:
+    entries = payload.by_priority(parsed(realistic_lines(3000, seed=limit)))
+    recs = compact.records(entries)
+    n, data = compact.largest_prefix(recs, limit, 14.0)
+    if n == 0:
+        assert data == b"" and len(compact.encode(entries[:1])) > limit
+        return
+    assert data == compact.encode(entries[:n]) and len(data) <= limit
+    assert n == len(entries) or len(compact.encode(entries[:n + 1])) > limit
+
+
+@pytest.mark.parametrize("per_record", [0.1, 3.0, 14.0, 400.0])
+def test_largest_prefix_does_not_depend_on_the_first_guess(per_record: float) -> None:
+    # A wrong guess costs probes, never the answer.
+    entries = payload.by_priority(parsed(realistic_lines(4000, seed=2)))
+    recs = compact.records(entries)
+    n, data = compact.largest_prefix(recs, 30_000, per_record)
+    assert (n, data) == compact.largest_prefix(recs, 30_000, 14.0)
+    assert len(data) <= 30_000 < len(compact.encode(entries[:n + 1]))
+
+
+def test_everything_fits_means_everything_is_sent() -> None:
+    entries = parsed(realistic_lines(500, seed=4))
+    n, data = compact.largest_prefix(compact.records(entries), payload.MAX_PAYLOAD, 14.0)
+    assert n == 500 and data == compact.encode(entries)
+
+
+def test_text_above_capacity_sends_the_largest_priority_prefix(busy_table: list[Entry]) -> None:
+    table = busy_table[:20_000]
+    out = payload.encode(table, 100, fmt="text")
+    ordered = payload.by_priority(table)
+    lines = [codec.render_line(e) + " --mark 100\n" for e in ordered]
+    assert out.format == "text" and out.data == "".join(lines[:out.sent]).encode()
+    assert len(out.data) <= payload.MAX_PAYLOAD < len(out.data) + len(lines[out.sent])
+
+
+def with_expected_and_untextable() -> tuple[list[Entry], int, int]:
+    """Realistic entries plus expected ones and ones conntrack(8) cannot load from text."""
+    entries = parsed(realistic_lines(300, seed=5))
+    expected = [Entry(AF_INET, PROTO_TCP, V4A, V4B, V4B, V4A, sport=40000 + i, dport=2000, reply_sport=2000,
+                      reply_dport=40000 + i, timeout=300, status=IPS_EXPECTED | IPS_SEEN_REPLY, state=3)
+                for i in range(4)]
+    untextable = [Entry(AF_INET, PROTO_SCTP, V4A, V4B, V4B, V4A, sport=1, dport=2, reply_sport=2, reply_dport=1,
+                        timeout=30, status=0, state=8, vtag_orig=1, vtag_reply=2),  # "(null)": conntrack crashes
+                  Entry(AF_INET, PROTO_TCP, V4A, V4C, V4C, V4A, sport=3, dport=4, reply_sport=4, reply_dport=3,
+                        status=IPS_ASSURED)]  # offloaded: no timeout, no state
+    mixed = entries[:100] + expected[:2] + untextable + entries[100:] + expected[2:]
+    return mixed, len(expected), len(untextable)
+
+
+@pytest.mark.parametrize("fmt", payload.FORMATS)
+def test_expected_entries_are_never_sent(fmt: str) -> None:
+    entries, n_expected, n_untextable = with_expected_and_untextable()
+    out = payload.encode(entries, 100, fmt=fmt)
+    assert out.expected == n_expected
+    decoded = payload.decode(out.data, 100)
+    assert decoded.refused == 0 and not any((e.status or 0) & IPS_EXPECTED for e in decoded.entries)
+    assert out.sent + out.left_out_total == len(entries)
+    if out.format == "text":
+        # auto stays text (what a Perl destination reads) and counts the lines it cannot send.
+        assert out.not_text == Counter({"state conntrack cannot load": 1, "no timeout (offloaded)": 1})
+        assert out.sent == len(entries) - n_expected - n_untextable
+        assert all(codec.text_problem(e) is None for e in decoded.entries)
+    else:
+        assert out.sent == len(entries) - n_expected and not out.not_text
+
+
+def test_text_above_capacity_leaves_out_unloadable_lines_too() -> None:
+    entries, _, _ = with_expected_and_untextable()
+    out = payload.encode(entries, 100, limit=5000, fmt="text")
+    assert out.expected == 4 and sum(out.not_text.values()) == 2 and out.left_out_total == len(entries) - out.sent
+    assert len(out.data) <= 5000
+
+
 def test_priority_classes() -> None:
     tcp = Entry(AF_INET, PROTO_TCP, V4A, V4B, V4B, V4A, state=3, status=IPS_ASSURED)
     assert payload.priority_class(tcp) == 0
