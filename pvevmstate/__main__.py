@@ -9,6 +9,7 @@ import os
 import re
 import signal
 import sys
+from collections.abc import Mapping
 from typing import NoReturn
 
 from . import __version__, logsetup
@@ -63,6 +64,48 @@ def reserve(text: str) -> float:
     return value
 
 
+#: Where the unit reads the host's settings (``EnvironmentFile=-``: optional).
+ENVIRONMENT_FILE = "/etc/default/pve-dbus-vmstate"
+#: Option -> the environment variable that sets its default. qemu-server
+#: starts the unit with the VMID only, so a host's choices live in the
+#: environment file; an option given on the command line still wins.
+ENVIRONMENT: dict[str, str] = {
+    "--format": "PVE_DBUS_VMSTATE_FORMAT",
+    "--table-reserve": "PVE_DBUS_VMSTATE_TABLE_RESERVE",
+    "--linger": "PVE_DBUS_VMSTATE_LINGER",
+    "--qmp-timeout": "PVE_DBUS_VMSTATE_QMP_TIMEOUT",
+    "--debug": "PVE_DBUS_VMSTATE_DEBUG",
+}
+_BOOLEANS = {"1": True, "yes": True, "true": True, "on": True, "0": False, "no": False, "false": False, "off": False}
+
+
+def apply_environment(parser: argparse.ArgumentParser, environ: Mapping[str, str]) -> None:
+    """Take option defaults from ``environ`` (:data:`ENVIRONMENT`).
+
+    A bad value ends the process with exit status 2 and one ``<3>`` line
+    naming the variable and the file, before anything else happens.
+    """
+    for action in parser._actions:
+        name = next((ENVIRONMENT[o] for o in action.option_strings if o in ENVIRONMENT), None)
+        text = environ.get(name, "").strip() if name else ""
+        if not name or not text:
+            continue
+        try:
+            if action.nargs == 0:  # a flag
+                if text.lower() not in _BOOLEANS:
+                    raise argparse.ArgumentTypeError("expected 1 or 0 (yes/no, true/false, on/off)")
+                value: object = _BOOLEANS[text.lower()]
+            else:
+                value = action.type(text) if callable(action.type) else text
+                if action.choices is not None and value not in action.choices:
+                    raise argparse.ArgumentTypeError(
+                        "expected one of %s" % ", ".join(map(str, action.choices)))
+        except argparse.ArgumentTypeError as err:
+            parser.exit(EXIT_USAGE, "<3>%s: %s=%r (%s or the unit's environment): %s\n"
+                        % (parser.prog, name, text[:64], ENVIRONMENT_FILE, err))
+        parser.set_defaults(**{action.dest: value})
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line parser (``--help`` documents every option)."""
     from .daemon import DEFAULT_LINGER
@@ -74,7 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Carry a VM's conntrack entries (CONNMARK == VMID) through a QEMU live "
                     "migration: serves org.qemu.VMState1 on the system bus for QEMU's "
                     "dbus-vmstate object. Normally started as pve-dbus-vmstate@VMID.service.",
-        epilog="The system bus is taken from DBUS_SYSTEM_BUS_ADDRESS when set. Exit status: "
+        epilog="Defaults come from the environment (the unit reads " + ENVIRONMENT_FILE + "): "
+               + ", ".join("%s for %s" % (var, opt) for opt, var in ENVIRONMENT.items())
+               + "; an option given here wins. "
+               "The system bus is taken from DBUS_SYSTEM_BUS_ADDRESS when set. Exit status: "
                "0 clean end, 1 fatal error (no bus, no netlink, names not obtainable, QEMU not "
                "reachable or refusing the object, or any unexpected error), 2 bad usage.",
     )
@@ -125,7 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if "--cleanup" in argv and not cleanup.needed(os.environ):
         return 0  # before parsing: a bad VMID already had its one journal line
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    apply_environment(parser, os.environ)
+    args = parser.parse_args(argv)
     logsetup.configure(debug=args.debug)
     sys.unraisablehook = _unraisable
     try:

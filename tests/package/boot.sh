@@ -8,6 +8,8 @@
 #   - Quit and `systemctl stop` remove the QEMU object;
 #   - a start without QEMU and a bad VMID fail with one error line, and the
 #     failed instance does not keep the VM's scope loaded (CollectMode);
+#   - the environment file: shipped inert, a bad value fails the start with one
+#     line, a good one is used;
 #   - a killed helper's object is removed by ExecStopPost;
 #   - stopping the bus stops the helper first (the order at host shutdown).
 # Needs root and systemd-nspawn (package systemd-container).
@@ -123,6 +125,23 @@ ct systemctl start pve-dbus-vmstate@12 2>/dev/null && fail "bad VMID started"
 journal pve-dbus-vmstate@12 | grep "^3 pve-dbus-vmstate: argument VMID: invalid VMID '12'" >/dev/null || fail "bad VMID line"
 [ "$(journal pve-dbus-vmstate@12 | wc -l)" = 1 ] || fail "one line for a bad VMID"
 ct journalctl -b -u pve-dbus-vmstate@12 --no-pager | grep 'status=2/INVALIDARGUMENT' >/dev/null || fail "exit status 2"
+
+echo "--- the environment file: shipped inert; a bad value fails the start with one line naming it; a good one is used" >&2
+ct test -f /etc/default/pve-dbus-vmstate || fail "no /etc/default/pve-dbus-vmstate"
+[ -z "$(ct grep -v -e '^#' -e '^$' /etc/default/pve-dbus-vmstate)" ] || fail "the shipped environment file sets something"
+ct cp /etc/default/pve-dbus-vmstate /etc/default/pve-dbus-vmstate.orig
+ct sh -c 'echo PVE_DBUS_VMSTATE_FORMAT=bogus >> /etc/default/pve-dbus-vmstate'
+ct systemctl start pve-dbus-vmstate@102 2>/dev/null && fail "started with a bad environment file"
+[ "$(journal pve-dbus-vmstate@102 | wc -l)" = 1 ] || fail "one line for a bad environment file"
+journal pve-dbus-vmstate@102 | grep "^3 pve-dbus-vmstate: PVE_DBUS_VMSTATE_FORMAT='bogus' (/etc/default/pve-dbus-vmstate" \
+    >/dev/null || fail "the bad variable's line"
+ct sh -c 'cp /etc/default/pve-dbus-vmstate.orig /etc/default/pve-dbus-vmstate; echo PVE_DBUS_VMSTATE_FORMAT=compact >> /etc/default/pve-dbus-vmstate'
+ct systemctl start pve-dbus-vmstate@100 || fail "start with format compact"
+ct busctl call com.proxmox.VMStateHelper.VM100 /org/qemu/VMState1 org.qemu.VMState1 Save >/dev/null || fail "Save"
+journal pve-dbus-vmstate@100 | grep '^6 Save: 3 entries with mark 100, sent 3 in [0-9]* bytes as compact' >/dev/null \
+    || fail "format from the environment file not used"
+ct systemctl stop pve-dbus-vmstate@100
+ct mv /etc/default/pve-dbus-vmstate.orig /etc/default/pve-dbus-vmstate
 
 echo "--- a killed helper: ExecStopPost removes the object it left" >&2
 ct systemctl start pve-dbus-vmstate@100 || fail "start before the kill"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import io
 import logging
 
@@ -92,3 +93,41 @@ def test_cleanup_is_silent_after_a_helper_that_exited(capsys: pytest.CaptureFixt
 ])
 def test_cleanup_needed_unless_the_helper_exited(environ: dict[str, str], needed: bool) -> None:
     assert cleanup.needed(environ) is needed
+
+
+def _parse(environ: dict[str, str], *argv: str) -> argparse.Namespace:
+    parser = cli.build_parser()
+    cli.apply_environment(parser, environ)
+    return parser.parse_args(["100", *argv])
+
+
+def test_environment_sets_defaults_and_the_command_line_wins() -> None:
+    environ = {"PVE_DBUS_VMSTATE_FORMAT": "text", "PVE_DBUS_VMSTATE_TABLE_RESERVE": "20",
+               "PVE_DBUS_VMSTATE_LINGER": "5", "PVE_DBUS_VMSTATE_QMP_TIMEOUT": "3",
+               "PVE_DBUS_VMSTATE_DEBUG": "yes"}
+    args = _parse(environ)
+    assert (args.format, args.table_reserve, args.linger, args.qmp_timeout, args.debug) == (
+        "text", 20.0, 5.0, 3.0, True)
+    args = _parse(environ, "--format", "compact", "--table-reserve", "7")
+    assert (args.format, args.table_reserve) == ("compact", 7.0)
+    plain = _parse({"PVE_DBUS_VMSTATE_FORMAT": "", "PVE_DBUS_VMSTATE_DEBUG": "0"})
+    assert (plain.format, plain.debug) == ("auto", False)
+
+
+def test_every_environment_variable_names_an_option() -> None:
+    options = {o for a in cli.build_parser()._actions for o in a.option_strings}
+    assert set(cli.ENVIRONMENT) <= options
+
+
+@pytest.mark.parametrize(("name", "value"), [
+    ("PVE_DBUS_VMSTATE_FORMAT", "binary"), ("PVE_DBUS_VMSTATE_TABLE_RESERVE", "80"),
+    ("PVE_DBUS_VMSTATE_LINGER", "-1"), ("PVE_DBUS_VMSTATE_QMP_TIMEOUT", "soon"), ("PVE_DBUS_VMSTATE_DEBUG", "2"),
+])
+def test_bad_environment_value_is_one_line_naming_it(name: str, value: str,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        _parse({name: value})
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("<3>pve-dbus-vmstate: %s=%r (/etc/default/pve-dbus-vmstate"
+                                                    % (name, value)), err
