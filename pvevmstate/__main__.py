@@ -10,9 +10,12 @@ import re
 import signal
 import sys
 from collections.abc import Mapping
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from . import __version__, logsetup
+
+if TYPE_CHECKING:  # the payload package is imported when a parser is built, not for --cleanup's quick exit
+    from .payload import Choice
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -106,9 +109,21 @@ def apply_environment(parser: argparse.ArgumentParser, environ: Mapping[str, str
         parser.set_defaults(**{action.dest: value})
 
 
+def payload_choice(text: str) -> Choice:
+    """Parse what Save is to send (``--format``)."""
+    from .payload import Choice
+
+    try:
+        return Choice(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            "invalid format %r: expected one of %s" % (text[:64], ", ".join(Choice))) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line parser (``--help`` documents every option)."""
     from .daemon import DEFAULT_LINGER
+    from .payload import Choice
     from .qmp import DEFAULT_TIMEOUT
     from .vmstate import DEFAULT_TABLE_RESERVE
 
@@ -129,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--linger", type=seconds, default=DEFAULT_LINGER, metavar="SECONDS",
                         help="stay this long after a Save or Load was answered, so the caller can "
                              "read NumMigratedEntries and call Quit (default: %(default)g)")
-    parser.add_argument("--format", choices=("auto", "text", "compact"), default="auto",
+    parser.add_argument("--format", type=payload_choice, choices=list(Choice), default=Choice.AUTO,
                         help="what Save sends: save text (readable by the Perl helper and conntrack "
                              "--load-file), the compact format, or text when everything fits as text "
                              "and compact otherwise (default: %(default)s); Load reads all of them")

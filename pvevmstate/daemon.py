@@ -63,6 +63,7 @@ from .dbus_api import (
 )
 from .errors import BusError, QMPError, VMStateError
 from .notify import sd_notify
+from .payload import Choice
 from .qemu import QemuObject, default_qmp_socket, system_bus_address
 from .qmp import DEFAULT_TIMEOUT as QMP_TIMEOUT
 from .qmp import QMPClient
@@ -103,7 +104,7 @@ class Settings:
     linger: float = DEFAULT_LINGER
     qmp_socket: str = ""
     qmp_timeout: float = QMP_TIMEOUT
-    payload_format: str = "auto"
+    payload_format: Choice = Choice.AUTO
     table_reserve: float = DEFAULT_TABLE_RESERVE
 
     @property

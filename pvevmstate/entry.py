@@ -62,6 +62,7 @@ TCP_STATES: tuple[str, ...] = (
     "NONE", "SYN_SENT", "SYN_RECV", "ESTABLISHED", "FIN_WAIT",
     "CLOSE_WAIT", "LAST_ACK", "TIME_WAIT", "CLOSE", "SYN_SENT2",
 )
+TCP_STATE_ESTABLISHED = 3
 TCP_STATE_TIME_WAIT = 7
 # conntrack-tools has names for SCTP states 0..7 only; 8 and 9 print as "(null)".
 SCTP_STATES: tuple[str, ...] = (

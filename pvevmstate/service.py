@@ -17,7 +17,6 @@ from typing import Any, ParamSpec, Protocol, TypeVar, cast
 
 from sdbus import dbus_method_async_override, dbus_property_async_override
 
-from . import codec
 from .dbus_api import (
     HelperError,
     HelperInternalError,
@@ -26,6 +25,7 @@ from .dbus_api import (
     helper_id,
 )
 from .errors import VMStateError
+from .payload import NO_STATE
 from .vmstate import VMState
 
 log = logging.getLogger(__name__)
@@ -145,7 +145,7 @@ class VMStateService(VMState1Interface, VMStateHelperInterface):
         await self.num_migrated_entries.set_async(value)
 
     @dbus_method_async_override()
-    @boundary("Save", codec.NO_STATE)
+    @boundary("Save", NO_STATE)
     async def save(self) -> bytes:
         self._started()
         try:

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from . import codec, payload
+from . import payload
 from .entry import CreateResult, Entry, TableStats
 from .errors import errno_text
 
@@ -69,7 +69,7 @@ class LoadReport:
     received: int
     lines: int
     refused: int
-    samples: list[codec.Refusal]
+    samples: list[payload.Refusal]
     result: CreateResult
     ms: float
     #: Entries not created because the table reached its reserve, by class.
@@ -85,12 +85,12 @@ class VMState:
     :param vmid: the VM, which is also the CONNMARK its entries carry
     :param backend: the conntrack table
     :param limit: payload byte budget (QEMU's 1 MiB)
-    :param fmt: what Save sends: ``auto``, ``text`` or ``compact`` (Load reads all)
+    :param fmt: what Save sends (Load reads every format)
     :param reserve: percent of ``nf_conntrack_max`` Load never fills
     """
 
-    def __init__(self, vmid: int, backend: ConntrackBackend, limit: int = codec.MAX_PAYLOAD,
-                 fmt: str = "auto", reserve: float = DEFAULT_TABLE_RESERVE) -> None:
+    def __init__(self, vmid: int, backend: ConntrackBackend, limit: int = payload.MAX_PAYLOAD,
+                 fmt: payload.Choice = payload.Choice.AUTO, reserve: float = DEFAULT_TABLE_RESERVE) -> None:
         self.vmid = vmid
         self._backend = backend
         self._limit = limit

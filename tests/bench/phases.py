@@ -21,8 +21,8 @@ from typing import cast
 from pyroute2 import netns
 
 from pvevmstate import nlmsg, payload
-from pvevmstate.codec import DecodedPayload
 from pvevmstate.conntrack import Conntrack
+from pvevmstate.payload import Decoded
 from tests.support import realistic_lines
 
 VMID = 100
@@ -76,7 +76,7 @@ def phases(n: int) -> dict[str, float]:
         assert isinstance(encoded, payload.Payload)
         out["payload bytes"] = len(encoded.data)
         out["decode payload"], decoded_any = timed(lambda: payload.decode(encoded.data, VMID))
-        decoded = cast(DecodedPayload, decoded_any)
+        decoded = cast(Decoded, decoded_any)
         out["build create requests"], _ = timed(
             lambda: [nlmsg.create_request(e, VMID, i, False) for i, e in enumerate(decoded.entries)])
 

@@ -18,10 +18,10 @@ import pytest
 
 from pvevmstate import conntrack as conntrack_mod
 from pvevmstate import nlmsg
-from pvevmstate.codec import NO_STATE
 from pvevmstate.conntrack import Conntrack, open_netlink_socket
 from pvevmstate.dbus_api import VMSTATE_PATH, VMState1Interface
 from pvevmstate.errors import ConntrackError
+from pvevmstate.payload import NO_STATE
 from tests import client
 from tests.support import realistic_lines, start_bus, synthetic_lines, wait_until
 

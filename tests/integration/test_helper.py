@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
-from pvevmstate.codec import MAX_PAYLOAD
 from pvevmstate.dbus_api import VMSTATE_NAME, helper_id
 from pvevmstate.entry import IPS_SRC_NAT_DONE
+from pvevmstate.payload import MAX_PAYLOAD
 from tests import client
 from tests.support import (
     REPO,

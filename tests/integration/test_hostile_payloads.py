@@ -23,9 +23,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pvevmstate import compact, vmstate
-from pvevmstate.codec import MAX_PAYLOAD, parse_line
+from pvevmstate import vmstate
 from pvevmstate.conntrack import Conntrack
+from pvevmstate.payload import MAX_PAYLOAD, compact
+from pvevmstate.payload.savetext import parse_line
 from tests.support import Netns, example_lines, realistic_lines
 
 VMID = 100

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from pvevmstate.codec import MAX_PAYLOAD
+from pvevmstate.payload import MAX_PAYLOAD
 from tests import client
 from tests.support import (
     Helper,

@@ -17,7 +17,8 @@ from typing import Any
 
 import pytest
 
-from pvevmstate import codec, compact
+from pvevmstate.payload import compact
+from pvevmstate.payload import savetext as codec
 from tests import client
 from tests.support import Helper, realistic_lines, synthetic_lines, wait_until
 

@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
-from pvevmstate import compact
 from pvevmstate.conntrack import Conntrack
 from pvevmstate.entry import IPS_ASSURED, IPS_SEEN_REPLY, PROTO_TCP, PROTO_UDP, Entry
+from pvevmstate.payload import compact
 from pvevmstate.vmstate import DEFAULT_TABLE_RESERVE, load_ceiling
 from tests import client
 

@@ -13,7 +13,6 @@ import subprocess
 import sys
 from typing import Any
 
-from pvevmstate import codec
 from pvevmstate.entry import (
     AF_INET,
     AF_INET6,
@@ -32,6 +31,7 @@ from pvevmstate.entry import (
     PROTO_UDPLITE,
     Entry,
 )
+from pvevmstate.payload import savetext as codec
 from tests import client
 from tests.support import Netns, example_lines, require, strip_timeout, wait_until
 

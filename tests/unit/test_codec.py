@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from pvevmstate import codec
 from pvevmstate.entry import IPS_SRC_NAT_DONE, PROTO_DCCP, PROTO_ICMP, Entry
 from pvevmstate.errors import CodecError
+from pvevmstate.payload import MAX_PAYLOAD
+from pvevmstate.payload import savetext as codec
 from tests.support import example_lines
 
 
@@ -122,7 +123,7 @@ def test_encode_text_empty_is_one_nul_byte() -> None:
     assert codec.encode_text([], 100) == codec.TextPayload(b"\x00", 0, 0)
 
 
-@pytest.mark.parametrize("limit", [1, 100, 1000, 4096, codec.MAX_PAYLOAD])
+@pytest.mark.parametrize("limit", [1, 100, 1000, 4096, MAX_PAYLOAD])
 def test_encode_text_never_exceeds_limit(limit: int) -> None:
     entries = [_entry(i) for i in range(6000)]
     p = codec.encode_text(entries, 123456789, limit)

@@ -7,9 +7,10 @@ import struct
 
 import pytest
 
-from pvevmstate import codec, nlmsg
+from pvevmstate import nlmsg
 from pvevmstate.entry import IPS_CONFIRMED, Entry
 from pvevmstate.errors import ConntrackError
+from pvevmstate.payload import savetext as codec
 from tests.support import example_lines, realistic_lines
 
 

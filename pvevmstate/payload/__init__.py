@@ -1,16 +1,15 @@
-"""What Save sends and Load reads: format choice, the 1 MiB limit, priorities.
+"""What Save sends and Load reads: one place for every payload format.
 
-Three payloads exist, and Load tells them apart without being told:
+Load tells the formats apart by their first bytes (:data:`READERS`), without
+being told:
 
-* ``\\x00`` (or anything of at most one byte): no entries;
-* the compact format (:mod:`pvevmstate.compact`, starts with ``PVCT``);
-* save text (:mod:`pvevmstate.codec`), which the Perl helper writes and reads.
+* ``\x00`` (or anything of at most one byte): no entries;
+* the compact format (:mod:`.compact`, starts with ``PVCT``);
+* save text (:mod:`.savetext`), which the Perl helper writes and reads.
 
-Save writes text when everything fits as text and the format allows it
+Save writes text when everything fits as text and the choice allows it
 (``text`` or ``auto``), otherwise compact (``compact`` or ``auto``). When not
-everything fits, the entries that matter most for live traffic go first:
-assured established TCP, then other TCP, then assured UDP, then the rest;
-within a class the longest remaining timeout first.
+everything fits, the entries that matter most go first (:mod:`.priority`).
 """
 
 from __future__ import annotations
@@ -19,49 +18,32 @@ from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
-from . import codec, compact
-from .entry import IPS_ASSURED, IPS_EXPECTED, PROTO_TCP, PROTO_UDP, Entry
-from .errors import CodecError
+from ..entry import IPS_EXPECTED, Entry
+from ..errors import CodecError
+from . import compact, priority, savetext
+from .base import MAX_PAYLOAD, NO_STATE, Choice, Decoded, Format, Refusal
+from .priority import CLASSES, by_priority, count_by_class, priority_key
 
-FORMATS = ("auto", "text", "compact")
-MAX_PAYLOAD = codec.MAX_PAYLOAD
-NO_STATE = codec.NO_STATE
-#: The priority classes, most important first.
-CLASSES = ("established TCP", "other TCP", "assured UDP", "other")
-_TCP_ESTABLISHED = 3
+__all__ = [
+    "CLASSES", "MAX_PAYLOAD", "NO_STATE", "READERS", "Choice", "Decoded", "Format", "Incoming", "Payload",
+    "Refusal", "decode", "detect", "encode",
+]
+
 #: No save line is shorter than this: more entries than limit / this cannot fit as text.
 MIN_TEXT_LINE = 90
+#: Magic first bytes -> format, in the order Load tries them; anything else is save text.
+READERS: tuple[tuple[bytes, Format], ...] = ((compact.MAGIC, Format.COMPACT),)
+assert compact.MAX_RECORDS <= priority.POSITION_LIMIT
 
 
-def class_of(proto: int, status: int, state: int | None) -> int:
-    """0 for assured established TCP, 1 other TCP, 2 assured UDP, 3 the rest."""
-    assured = bool(status & IPS_ASSURED)
-    if proto == PROTO_TCP:
-        return 0 if assured and state == _TCP_ESTABLISHED else 1
-    if proto == PROTO_UDP and assured:
-        return 2
-    return 3
-
-
-def priority_class(e: Entry) -> int:
-    """:func:`class_of` an entry."""
-    return class_of(e.proto, e.status or 0, e.state)
-
-
-def by_priority(entries: Sequence[Entry]) -> list[Entry]:
-    """The entries, most important first (stable within equal keys)."""
-    return sorted(entries, key=_priority_key)
-
-
-# One int per item sorts like (class, -timeout, position): the order
-# by_priority() gives, without a tuple per item. 24 bits of position cover
-# every compact payload and any text a D-Bus message (128 MiB at most) holds.
-_POSITION_BITS = 24
-_TIMEOUT_BITS = 32
-_CLASS_SHIFT = _POSITION_BITS + _TIMEOUT_BITS
-_POSITION_MASK = (1 << _POSITION_BITS) - 1
-_TIMEOUT_MAX = (1 << _TIMEOUT_BITS) - 1
-assert compact.MAX_RECORDS <= _POSITION_MASK + 1
+def detect(data: bytes) -> Format:
+    """Which format ``data`` is, by its first bytes."""
+    if len(data) <= 1:
+        return Format.NONE
+    for magic, fmt in READERS:
+        if data.startswith(magic):
+            return fmt
+    return Format.TEXT
 
 
 @dataclass(slots=True)
@@ -69,7 +51,7 @@ class Payload:
     """One Save's bytes and what they hold."""
 
     data: bytes
-    format: str
+    format: Format
     sent: int
     #: Left out for lack of room, by priority class.
     left_out: Counter[str] = field(default_factory=Counter)
@@ -77,7 +59,7 @@ class Payload:
     #: creates one on request (EBUSY), and one such line stops conntrack(8).
     expected: int = 0
     #: Left out of save text because conntrack(8) would refuse their lines,
-    #: by reason (codec.text_problem).
+    #: by reason (savetext.text_problem).
     not_text: Counter[str] = field(default_factory=Counter)
 
     @property
@@ -86,17 +68,13 @@ class Payload:
         return sum(self.left_out.values()) + self.expected + sum(self.not_text.values())
 
 
-def _left_out(entries: Sequence[Entry]) -> Counter[str]:
-    return Counter(CLASSES[priority_class(e)] for e in entries)
-
-
-def encode(entries: Sequence[Entry], mark: int, limit: int = MAX_PAYLOAD, fmt: str = "auto") -> Payload:
+def encode(entries: Sequence[Entry], mark: int, limit: int = MAX_PAYLOAD, fmt: Choice = Choice.AUTO) -> Payload:
     """Encode ``entries`` in ``fmt`` within ``limit`` bytes (never empty).
 
     :param entries: the VM's entries
     :param mark: the VM's mark (the text format appends it to every line)
     :param limit: byte budget, at least 1
-    :param fmt: ``auto``, ``text`` or ``compact``
+    :param fmt: what to send
     """
     sendable = [e for e in entries if not (e.status or 0) & IPS_EXPECTED]
     out = _encode(sendable, mark, limit, fmt)
@@ -104,10 +82,10 @@ def encode(entries: Sequence[Entry], mark: int, limit: int = MAX_PAYLOAD, fmt: s
     return out
 
 
-def _encode(entries: list[Entry], mark: int, limit: int, fmt: str) -> Payload:
+def _encode(entries: list[Entry], mark: int, limit: int, fmt: Choice) -> Payload:
     if not entries:
-        return Payload(NO_STATE, "none", 0)
-    if fmt == "text" or (fmt == "auto" and len(entries) * MIN_TEXT_LINE <= limit):
+        return Payload(NO_STATE, Format.NONE, 0)
+    if fmt == Choice.TEXT or (fmt == Choice.AUTO and len(entries) * MIN_TEXT_LINE <= limit):
         # Only lines conntrack --load-file takes: the Perl helper's Load would
         # refuse the whole payload for one it cannot parse, or stop at one the
         # kernel refuses. `auto` stays text then (a Perl destination gets all
@@ -115,23 +93,19 @@ def _encode(entries: list[Entry], mark: int, limit: int, fmt: str) -> Payload:
         not_text: Counter[str] = Counter()
         lines: list[Entry] = []
         for e in entries:
-            problem = codec.text_problem(e)
+            problem = savetext.text_problem(e)
             if problem is None:
                 lines.append(e)
             else:
                 not_text[problem] += 1
-        text = codec.encode_text(lines, mark, limit)
+        text = savetext.encode_text(lines, mark, limit)
         if not text.left_out:
-            return Payload(text.data, "text" if text.sent else "none", text.sent, not_text=not_text)
-        if fmt == "text":
+            return Payload(text.data, Format.TEXT if text.sent else Format.NONE, text.sent, not_text=not_text)
+        if fmt == Choice.TEXT:
             ordered = by_priority(lines)
-            text = codec.encode_text(ordered, mark, limit)
-            return Payload(text.data, "text", text.sent, _left_out(ordered[text.sent:]), not_text=not_text)
+            text = savetext.encode_text(ordered, mark, limit)
+            return Payload(text.data, Format.TEXT, text.sent, count_by_class(ordered[text.sent:]), not_text=not_text)
     return _encode_compact(entries, limit)
-
-
-def _priority_key(e: Entry) -> tuple[int, int]:
-    return priority_class(e), -(e.timeout or 0)
 
 
 def _encode_compact(entries: Sequence[Entry], limit: int) -> Payload:
@@ -143,9 +117,9 @@ def _encode_compact(entries: Sequence[Entry], limit: int) -> Payload:
         recs = compact.records(entries)
         data = compact.encode_records(recs)
         if len(data) <= limit:
-            return Payload(data, "compact", len(entries))
+            return Payload(data, Format.COMPACT, len(entries))
         per_record = (len(data) - compact.HEADER.size) / len(entries)
-        order = sorted(range(len(entries)), key=lambda i: _priority_key(entries[i]))
+        order = sorted(range(len(entries)), key=lambda i: priority_key(entries[i]))
         ordered = [entries[i] for i in order]
         recs = [recs[i] for i in order]
     else:
@@ -154,8 +128,8 @@ def _encode_compact(entries: Sequence[Entry], limit: int) -> Payload:
         per_record = 16.0  # a typical table's bytes per entry; only the first guess
     n, data = compact.largest_prefix(recs, limit, per_record)
     if n == 0:
-        return Payload(NO_STATE, "none", 0, _left_out(ordered))
-    return Payload(data, "compact", n, _left_out(ordered[n:]))
+        return Payload(NO_STATE, Format.NONE, 0, count_by_class(ordered))
+    return Payload(data, Format.COMPACT, n, count_by_class(ordered[n:]))
 
 
 class Incoming:
@@ -168,25 +142,21 @@ class Incoming:
     """
 
     def __init__(self, data: bytes, mark: int) -> None:
-        self.refusals = codec.DecodedPayload()
+        self.refusals = Decoded()
         self._entries: list[Entry] | None = None
         self._records: compact.Records | None = None
-        self.format = "none"
+        self.format = detect(data)
         #: Items that may become entries, and lines or records read in all.
         self.size = self.lines = 0
-        if len(data) <= 1:
-            pass
-        elif compact.is_compact(data):
-            self.format = "compact"
+        if self.format == Format.COMPACT:
             try:
                 self._records = compact.Records(data)
                 self.size = self.lines = self._records.count
             except CodecError as err:
                 self.refusals.refuse(0, str(err))
                 self.lines = 1
-        else:
-            self.format = "text"
-            decoded = codec.decode_payload(data, mark)
+        elif self.format == Format.TEXT:
+            decoded = savetext.decode_payload(data, mark)
             self.refusals = decoded
             self._entries = decoded.entries
             self.size = len(decoded.entries)
@@ -199,15 +169,11 @@ class Incoming:
 
     def classes(self) -> list[int]:
         """The priority class of every item, in payload order."""
-        return [class_of(proto, status, state) for proto, _t, status, state in self._summaries()]
+        return [priority.class_of(proto, status, state) for proto, _t, status, state in self._summaries()]
 
     def by_priority(self) -> list[int]:
         """Positions of the items, most important first (the order Save uses)."""
-        keys = [class_of(proto, status, state) << _CLASS_SHIFT
-                | (_TIMEOUT_MAX - min(timeout, _TIMEOUT_MAX)) << _POSITION_BITS | i
-                for i, (proto, timeout, status, state) in enumerate(self._summaries())]
-        keys.sort()
-        return [k & _POSITION_MASK for k in keys]
+        return priority.order(self._summaries())
 
     def entries(self, positions: Iterable[int]) -> list[Entry]:
         """The entries at ``positions``; refused records are counted and skipped."""
@@ -226,7 +192,7 @@ class Incoming:
         return out
 
 
-def decode(data: bytes, mark: int) -> codec.DecodedPayload:
+def decode(data: bytes, mark: int) -> Decoded:
     """Read any of the three payloads whole; never raises for bad input.
 
     A compact payload that is unusable as a whole (corrupt, truncated, over
@@ -237,6 +203,6 @@ def decode(data: bytes, mark: int) -> codec.DecodedPayload:
     """
     incoming = Incoming(data, mark)
     result = incoming.refusals
-    if incoming.format == "compact":
+    if incoming.format == Format.COMPACT:
         result.entries = incoming.entries(range(incoming.size))
     return result

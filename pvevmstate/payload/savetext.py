@@ -2,7 +2,7 @@
 
 The payload is the one the Perl helper in qemu-server sends and reads:
 conntrack-tools ``save`` lines (``conntrack -L -o save``, see
-shared/docs/SAVE_FORMAT.md) with `` --mark VMID`` appended, each ending in
+docs/save-format.md) with `` --mark VMID`` appended, each ending in
 ``\\n``; a single ``\\x00`` byte means "no entries" because QEMU rejects an
 empty array. No I/O happens here.
 
@@ -17,9 +17,9 @@ from __future__ import annotations
 import socket
 import sys
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from .entry import (
+from ..entry import (
     AF_INET,
     AF_INET6,
     DCCP_ROLES,
@@ -48,16 +48,11 @@ from .entry import (
     TCP_STATES,
     Entry,
 )
-from .errors import CodecError
+from ..errors import CodecError
+from .base import MAX_PAYLOAD, NO_STATE, Decoded
 
-#: QEMU's limit for one helper's state, inclusive.
-MAX_PAYLOAD = 1 << 20
-#: What Save returns when there is nothing to send (QEMU refuses an empty array).
-NO_STATE = b"\x00"
 #: A real save line is at most ~350 bytes; longer ones are refused unparsed.
 MAX_LINE = 4096
-#: How many refused lines a decoded payload keeps for the log (all are counted).
-MAX_REFUSAL_SAMPLES = 20
 
 _inet_ntop = socket.inet_ntop
 _inet_pton = socket.inet_pton
@@ -520,29 +515,7 @@ def encode_text(entries: Iterable[Entry], mark: int, limit: int = MAX_PAYLOAD) -
     return TextPayload("".join(parts).encode("ascii"), len(parts), left_out)
 
 
-@dataclass(slots=True)
-class Refusal:
-    """One payload line that Load will not apply."""
-
-    line_no: int
-    reason: str
-
-
-@dataclass(slots=True)
-class DecodedPayload:
-    """The entries of a payload, and what was refused (counted, samples kept)."""
-
-    entries: list[Entry] = field(default_factory=list)
-    refused: int = 0
-    samples: list[Refusal] = field(default_factory=list)
-
-    def refuse(self, line_no: int, reason: str) -> None:
-        self.refused += 1
-        if len(self.samples) < MAX_REFUSAL_SAMPLES:
-            self.samples.append(Refusal(line_no, reason))
-
-
-def decode_payload(data: bytes, mark: int) -> DecodedPayload:
+def decode_payload(data: bytes, mark: int) -> Decoded:
     """Parse a Load payload: ours or the Perl helper's (same text format).
 
     A payload of at most one byte means "nothing to do". Blank lines and ``#``
@@ -552,7 +525,7 @@ def decode_payload(data: bytes, mark: int) -> DecodedPayload:
     :param data: the bytes QEMU passed to Load
     :param mark: the VM's mark; lines carrying another ``--mark`` are refused
     """
-    result = DecodedPayload()
+    result = Decoded()
     if len(data) <= 1:
         return result
     for no, chunk in enumerate(data.split(b"\n"), 1):

@@ -53,11 +53,11 @@ import operator
 import struct
 import zlib
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
-from .entry import AF_INET, AF_INET6, IPS_EXPECTED, Entry
-from .errors import CodecError
+from ..entry import AF_INET, AF_INET6, IPS_EXPECTED, Entry
+from ..errors import CodecError
+from .base import Decoded
 
 MAGIC = b"PVCT"
 VERSION = 1
@@ -264,14 +264,6 @@ def largest_prefix(recs: Sequence[bytes], limit: int, per_record: float) -> tupl
     return lo, _assemble(columns, lo, segments)
 
 
-@dataclass(slots=True)
-class Decoded:
-    """Entries of a compact payload and the records refused, with reasons."""
-
-    entries: list[Entry] = field(default_factory=list)
-    refused: list[tuple[int, str]] = field(default_factory=list)
-
-
 #: Just the fields the priority order reads, at their offsets in a record.
 _SUMMARY = struct.Struct("<xB4x64x8x8xII6xB%dx" % (RECORD.size - 101))
 #: Inflate this much at a time: memory stays one record buffer plus a chunk.
@@ -358,7 +350,7 @@ def decode(data: bytes) -> Decoded:
         try:
             out.entries.append(records.entry(i))
         except CodecError as err:
-            out.refused.append((i + 1, str(err)))
+            out.refuse(i + 1, str(err))
     return out
 
 

@@ -1,0 +1,71 @@
+"""Which entries go first when not all of them fit: Save's order, and Load's
+when the destination's table cannot take them all.
+
+Assured established TCP first (live connections the guest would lose), then
+other TCP, then assured UDP, then the rest; within a class the longest
+remaining timeout first.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Sequence
+
+from ..entry import IPS_ASSURED, PROTO_TCP, PROTO_UDP, TCP_STATE_ESTABLISHED, Entry
+
+#: The priority classes, most important first (names as the journal shows them).
+CLASSES = ("established TCP", "other TCP", "assured UDP", "other")
+
+
+def class_of(proto: int, status: int, state: int | None) -> int:
+    """0 for assured established TCP, 1 other TCP, 2 assured UDP, 3 the rest."""
+    assured = bool(status & IPS_ASSURED)
+    if proto == PROTO_TCP:
+        return 0 if assured and state == TCP_STATE_ESTABLISHED else 1
+    if proto == PROTO_UDP and assured:
+        return 2
+    return 3
+
+
+def priority_class(e: Entry) -> int:
+    """:func:`class_of` an entry."""
+    return class_of(e.proto, e.status or 0, e.state)
+
+
+def priority_key(e: Entry) -> tuple[int, int]:
+    """Sorts entries most important first."""
+    return priority_class(e), -(e.timeout or 0)
+
+
+def by_priority(entries: Sequence[Entry]) -> list[Entry]:
+    """The entries, most important first (stable within equal keys)."""
+    return sorted(entries, key=priority_key)
+
+
+def count_by_class(entries: Iterable[Entry]) -> Counter[str]:
+    """How many of ``entries`` each class has."""
+    return Counter(CLASSES[priority_class(e)] for e in entries)
+
+
+# One int per item sorts like (class, -timeout, position): the order
+# by_priority() gives, without a tuple per item. 24 bits of position cover
+# every compact payload and any text a D-Bus message (128 MiB at most) holds.
+POSITION_LIMIT = 1 << 24
+_POSITION_BITS = 24
+_TIMEOUT_BITS = 32
+_CLASS_SHIFT = _POSITION_BITS + _TIMEOUT_BITS
+_POSITION_MASK = (1 << _POSITION_BITS) - 1
+_TIMEOUT_MAX = (1 << _TIMEOUT_BITS) - 1
+
+
+def order(summaries: Iterable[tuple[int, int, int, int | None]]) -> list[int]:
+    """Positions of items given as ``(protocol, timeout, status, state)``, most important first.
+
+    Same order as :func:`by_priority`, without building entries (Load sorts
+    compact records this way). At most :data:`POSITION_LIMIT` items.
+    """
+    keys = [class_of(proto, status, state) << _CLASS_SHIFT
+            | (_TIMEOUT_MAX - min(timeout, _TIMEOUT_MAX)) << _POSITION_BITS | i
+            for i, (proto, timeout, status, state) in enumerate(summaries)]
+    keys.sort()
+    return [k & _POSITION_MASK for k in keys]
