@@ -86,6 +86,9 @@ FOLLOW_TIMEOUT = 120.0
 #: How long teardown waits for a Save or Load still running (QEMU's own call timeout).
 DRAIN_TIMEOUT = 25.0
 
+#: How long to wait for a cancelled task before cancelling it again.
+CANCEL_RETRY = 0.1
+
 POLLRDHUP = getattr(select, "POLLRDHUP", 0x2000)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 EXIT_OK = 0
@@ -122,10 +125,17 @@ class Settings:
 
 
 async def _cancelled(task: asyncio.Task[None]) -> None:
-    """Cancel ``task`` and wait until it has ended."""
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    """Cancel ``task`` and wait until it has ended.
+
+    Cancelled again until it ends: a task can lose one cancellation (Python
+    3.11's ``asyncio.wait_for`` drops it when the awaited call completes at
+    the same moment), and the teardown must not wait out its polling.
+    """
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=CANCEL_RETRY)
+    if not task.cancelled() and task.exception() is not None:
+        log.debug("%s ended with an error", task.get_name(), exc_info=task.exception())
 
 
 def _ignore_stop_signals(loop: asyncio.AbstractEventLoop) -> None:
@@ -357,7 +367,8 @@ class Daemon:
         if self._bus_lost:
             return  # nobody is left to read an answer
         try:
-            await asyncio.wait_for(service.drained(), DRAIN_TIMEOUT)
+            async with asyncio.timeout(DRAIN_TIMEOUT):
+                await service.drained()
         except TimeoutError:
             log.error("a Save or Load still runs after %.0f s; leaving anyway", DRAIN_TIMEOUT)
 

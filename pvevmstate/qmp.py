@@ -72,8 +72,8 @@ class QMPClient:
         interval = REFUSED_FIRST
         while True:
             try:
-                self._reader, self._writer = await asyncio.wait_for(
-                    asyncio.open_unix_connection(self.path, limit=MAX_MESSAGE), self.timeout)
+                async with asyncio.timeout(self.timeout):
+                    self._reader, self._writer = await asyncio.open_unix_connection(self.path, limit=MAX_MESSAGE)
                 break
             except TimeoutError as err:
                 raise QMPConnectError("connecting to %s timed out" % self.path) from err
@@ -104,7 +104,8 @@ class QMPClient:
             return
         writer.close()
         try:
-            await asyncio.wait_for(writer.wait_closed(), self.timeout)
+            async with asyncio.timeout(self.timeout):
+                await writer.wait_closed()
         except (TimeoutError, OSError) as err:
             log.debug("closing QMP session on %s: %s", self.path, err)
 
@@ -128,7 +129,8 @@ class QMPClient:
             message["arguments"] = dict(arguments)
         self._writer.write(json.dumps(message).encode() + b"\n")
         try:
-            await asyncio.wait_for(self._writer.drain(), self.timeout)
+            async with asyncio.timeout(self.timeout):
+                await self._writer.drain()
         except TimeoutError as err:
             raise QMPTimeoutError("sending %s to %s timed out" % (command, self.path)) from err
         except OSError as err:
@@ -151,7 +153,8 @@ class QMPClient:
     async def _receive(self, what: str, on_timeout: type[QMPError] = QMPTimeoutError) -> dict[str, Any]:
         assert self._reader is not None
         try:
-            line = await asyncio.wait_for(self._reader.readline(), self.timeout)
+            async with asyncio.timeout(self.timeout):
+                line = await self._reader.readline()
         except TimeoutError as err:
             # Without a greeting, another client (qemu-server) most likely holds the monitor.
             raise on_timeout("%s: no answer to %s within %.0f s" % (self.path, what, self.timeout)) from err

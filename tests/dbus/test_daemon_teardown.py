@@ -4,6 +4,7 @@ the migration follower is off the VM's monitor before the object is removed."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 from collections.abc import Iterator
 from typing import cast
@@ -119,3 +120,22 @@ def test_the_bus_layer_does_not_need_pyroute2() -> None:
     code = ("import sys, pvevmstate.daemon, pvevmstate.service, pvevmstate.vmstate, pvevmstate.payload; "
             "sys.exit('pyroute2' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_a_task_that_swallows_a_cancellation_still_ends() -> None:
+    from pvevmstate.daemon import _cancelled
+
+    async def stubborn() -> None:
+        # Loses the first cancellation, as asyncio.wait_for can in Python 3.11
+        # when the awaited call completes at the same moment.
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.sleep(60)
+        await asyncio.sleep(60)
+
+    async def main() -> bool:
+        task = asyncio.create_task(stubborn())
+        await asyncio.sleep(0)
+        await asyncio.wait_for(_cancelled(task), 5)
+        return task.cancelled()
+
+    assert asyncio.run(main())
