@@ -57,6 +57,7 @@ from typing import Any
 
 from ..entry import AF_INET, AF_INET6, IPS_EXPECTED, Entry
 from ..errors import CodecError
+from ..memo import Memo
 from .base import Decoded
 
 MAGIC = b"PVCT"
@@ -97,8 +98,7 @@ _NONE_TYPE = type(None)
 #: ``present`` bits and a picker that puts 0 (or b"" for labels) where a
 #: field is absent. Entries of a table share a handful of patterns, and
 #: looking one up is much cheaper than testing 24 fields one by one.
-_patterns: dict[tuple[type, ...], tuple[int, Callable[[tuple[Any, ...]], tuple[Any, ...]]]] = {}
-_MAX_PATTERNS = 4096
+_patterns: Memo[tuple[type, ...], tuple[int, Callable[[tuple[Any, ...]], tuple[Any, ...]]]] = Memo(4096)
 
 
 def _pattern(types: tuple[type, ...]) -> tuple[int, Callable[[tuple[Any, ...]], tuple[Any, ...]]]:
@@ -112,8 +112,7 @@ def _pattern(types: tuple[type, ...]) -> tuple[int, Callable[[tuple[Any, ...]], 
             present |= _BIT[name]
             picks.append(i)
     found = (present, operator.itemgetter(*picks))
-    if len(_patterns) < _MAX_PATTERNS:
-        _patterns[types] = found
+    _patterns.add(types, found)
     return found
 
 
@@ -357,9 +356,8 @@ def decode(data: bytes) -> Decoded:
 #: Per ``present`` value: a picker of the Entry fields after the addresses
 #: (None where absent; the mark is never carried). Bounded: only known bits
 #: get here, and real payloads hold few patterns.
-_entry_picks: dict[int, Callable[[tuple[Any, ...]], tuple[Any, ...]]] = {}
+_entry_picks: Memo[int, Callable[[tuple[Any, ...]], tuple[Any, ...]]] = Memo(4096)
 _ENTRY_REST = tuple(f.name for f in dataclasses.fields(Entry))[6:]
-_MAX_ENTRY_PICKS = 4096
 
 
 def _entry_pick(present: int) -> Callable[[tuple[Any, ...]], tuple[Any, ...]]:
@@ -369,8 +367,7 @@ def _entry_pick(present: int) -> Callable[[tuple[Any, ...]], tuple[Any, ...]]:
         picks = [7 + OPTIONAL.index(name) if name in _BIT and present & _BIT[name] else none_index
                  for name in _ENTRY_REST]
         pick = operator.itemgetter(*picks)
-        if len(_entry_picks) < _MAX_ENTRY_PICKS:
-            _entry_picks[present] = pick
+        _entry_picks.add(present, pick)
     return pick
 
 

@@ -49,6 +49,7 @@ from ..entry import (
     Entry,
 )
 from ..errors import CodecError
+from ..memo import Memo
 from .base import MAX_PAYLOAD, NO_STATE, Decoded
 
 #: A real save line is at most ~350 bytes; longer ones are refused unparsed.
@@ -81,7 +82,8 @@ def _name(table: tuple[str, ...], value: int) -> str:
     return table[value] if 0 <= value < len(table) else NULL_NAME
 
 
-_STATUS_TEXT: dict[int, str] = {}
+#: Status words spelt out (``-u``): a handful per table.
+_STATUS_TEXT: Memo[int, str] = Memo(256)
 _PORT_KEYS = ("--sport", "--dport", "--reply-port-src", "--reply-port-dst")
 _GRE_KEYS = ("--srckey", "--dstkey", "--reply-key-src", "--reply-key-dst")
 _STATE_NAMES = {PROTO_TCP: TCP_STATES, PROTO_SCTP: SCTP_STATES, PROTO_DCCP: DCCP_STATES}
@@ -89,18 +91,14 @@ _STATE_NAMES = {PROTO_TCP: TCP_STATES, PROTO_SCTP: SCTP_STATES, PROTO_DCCP: DCCP
 _DCCP_CREATABLE = 8
 #: Addresses already printed: a VM's entries share few addresses (its own ones
 #: above all), and inet_ntop costs more than a lookup. Bounded, cleared when full.
-_NTOP_CACHE: dict[tuple[int, bytes], str] = {}
-_NTOP_CACHE_MAX = 1 << 16
+_NTOP_CACHE: Memo[tuple[int, bytes], str] = Memo(1 << 16)
 
 
 def _ntop(family: int, addr: bytes) -> str:
     key = (family, addr)
     text = _NTOP_CACHE.get(key)
     if text is None:
-        text = _inet_ntop(family, addr)
-        if len(_NTOP_CACHE) >= _NTOP_CACHE_MAX:
-            _NTOP_CACHE.clear()
-        _NTOP_CACHE[key] = text
+        text = _NTOP_CACHE.add(key, _inet_ntop(family, addr))
     return text
 
 
@@ -186,7 +184,7 @@ def render_line(e: Entry) -> str:
     if st is not None:
         text = _STATUS_TEXT.get(st & STATUS_TEXT_MASK)
         if text is None:
-            text = _STATUS_TEXT[st & STATUS_TEXT_MASK] = status_text(st)
+            text = _STATUS_TEXT.add(st & STATUS_TEXT_MASK, status_text(st))
         line += " -u " + text
     if e.zone is not None:
         line += " -w %d" % e.zone
