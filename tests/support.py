@@ -450,6 +450,12 @@ def run_cleanup(qemu: Qemu, vmid: int = 100, exit_code: str = "killed", exit_sta
 # ------------------------------------------------------------------ client
 
 
+def save_lines(data: bytes) -> list[str]:
+    """The save lines of a payload (text or hybrid), without comment lines."""
+    assert data.endswith(b"\n")
+    return [ln for ln in data.decode("ascii").splitlines() if ln and not ln.startswith("#")]
+
+
 def strip_timeout(line: str) -> str:
     return re.sub(r" -t \d+", "", line)
 

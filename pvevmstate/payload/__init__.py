@@ -4,12 +4,13 @@ Load tells the formats apart by their first bytes (:data:`READERS`), without
 being told:
 
 * ``\x00`` (or anything of at most one byte): no entries;
-* the compact format (:mod:`.compact`, starts with ``PVCT``);
-* save text (:mod:`.savetext`), which the Perl helper writes and reads.
+* the hybrid format (:mod:`.hybrid`, starts with ``#PVCT-HYBRID``): the
+  compact records in comment lines, then save text; what ``auto`` sends;
+* the compact format (:mod:`.compact`, starts with ``PVCT``): ``compact``;
+* save text (:mod:`.savetext`), which the Perl helper writes and reads: ``text``.
 
-Save writes text when everything fits as text and the choice allows it
-(``text`` or ``auto``), otherwise compact (``compact`` or ``auto``). When not
-everything fits, the entries that matter most go first (:mod:`.priority`).
+When not everything fits, the entries that matter most go first
+(:mod:`.priority`).
 """
 
 from __future__ import annotations
@@ -20,19 +21,19 @@ from dataclasses import dataclass, field
 
 from ..entry import IPS_EXPECTED, Entry
 from ..errors import CodecError
-from . import compact, priority, savetext
+from . import compact, hybrid, priority, savetext
 from .base import MAX_PAYLOAD, NO_STATE, Choice, Decoded, Format, Refusal
 from .priority import CLASSES, by_priority, count_by_class, priority_key
 
 __all__ = [
-    "CLASSES", "MAX_PAYLOAD", "NO_STATE", "READERS", "Choice", "Decoded", "Format", "Incoming", "Payload",
-    "Refusal", "decode", "detect", "encode",
+    "CLASSES", "MAX_PAYLOAD", "MIN_TEXT_LINE", "NO_STATE", "READERS", "Choice", "Decoded", "Format", "Incoming",
+    "Payload", "Refusal", "decode", "detect", "encode",
 ]
 
 #: No save line is shorter than this: more entries than limit / this cannot fit as text.
 MIN_TEXT_LINE = 90
 #: Magic first bytes -> format, in the order Load tries them; anything else is save text.
-READERS: tuple[tuple[bytes, Format], ...] = ((compact.MAGIC, Format.COMPACT),)
+READERS: tuple[tuple[bytes, Format], ...] = ((hybrid.MAGIC, Format.HYBRID), (compact.MAGIC, Format.COMPACT))
 assert compact.MAX_RECORDS <= priority.POSITION_LIMIT
 
 
@@ -61,6 +62,9 @@ class Payload:
     #: Left out of save text because conntrack(8) would refuse their lines,
     #: by reason (savetext.text_problem).
     not_text: Counter[str] = field(default_factory=Counter)
+    #: Hybrid: of the entries sent, how many also went as save lines (what a
+    #: Perl destination restores).
+    text_sent: int = 0
 
     @property
     def left_out_total(self) -> int:
@@ -85,30 +89,44 @@ def encode(entries: Sequence[Entry], mark: int, limit: int = MAX_PAYLOAD, fmt: C
 def _encode(entries: list[Entry], mark: int, limit: int, fmt: Choice) -> Payload:
     if not entries:
         return Payload(NO_STATE, Format.NONE, 0)
-    if fmt == Choice.TEXT or (fmt == Choice.AUTO and len(entries) * MIN_TEXT_LINE <= limit):
-        # Only lines conntrack --load-file takes: the Perl helper's Load would
-        # refuse the whole payload for one it cannot parse, or stop at one the
-        # kernel refuses. `auto` stays text then (a Perl destination gets all
-        # it can load); the rest is counted.
-        not_text: Counter[str] = Counter()
-        lines: list[Entry] = []
-        for e in entries:
-            problem = savetext.text_problem(e)
-            if problem is None:
-                lines.append(e)
-            else:
-                not_text[problem] += 1
-        text = savetext.encode_text(lines, mark, limit)
-        if not text.left_out:
-            return Payload(text.data, Format.TEXT if text.sent else Format.NONE, text.sent, not_text=not_text)
-        if fmt == Choice.TEXT:
-            ordered = by_priority(lines)
-            text = savetext.encode_text(ordered, mark, limit)
-            return Payload(text.data, Format.TEXT, text.sent, count_by_class(ordered[text.sent:]), not_text=not_text)
-    return _encode_compact(entries, limit)
+    if fmt == Choice.TEXT:
+        return _encode_text(entries, mark, limit)
+    if fmt == Choice.COMPACT:
+        n, data, ordered = _compact_section(entries, limit)
+        if n == 0:
+            return Payload(NO_STATE, Format.NONE, 0, count_by_class(ordered or entries))
+        return Payload(data, Format.COMPACT, n, count_by_class((ordered or entries)[n:]))
+    return _encode_hybrid(entries, mark, limit)
 
 
-def _encode_compact(entries: Sequence[Entry], limit: int) -> Payload:
+def _textable(entries: Sequence[Entry]) -> tuple[list[Entry], Counter[str]]:
+    # Only lines conntrack --load-file takes: the Perl helper's Load would
+    # refuse the whole payload for one it cannot parse, or stop at one the
+    # kernel refuses.
+    not_text: Counter[str] = Counter()
+    lines: list[Entry] = []
+    for e in entries:
+        problem = savetext.text_problem(e)
+        if problem is None:
+            lines.append(e)
+        else:
+            not_text[problem] += 1
+    return lines, not_text
+
+
+def _encode_text(entries: list[Entry], mark: int, limit: int) -> Payload:
+    lines, not_text = _textable(entries)
+    text = savetext.encode_text(lines, mark, limit)
+    if not text.left_out:
+        return Payload(text.data, Format.TEXT if text.sent else Format.NONE, text.sent, not_text=not_text)
+    ordered = by_priority(lines)
+    text = savetext.encode_text(ordered, mark, limit)
+    return Payload(text.data, Format.TEXT, text.sent, count_by_class(ordered[text.sent:]), not_text=not_text)
+
+
+def _compact_section(entries: Sequence[Entry], limit: int) -> tuple[int, bytes, list[Entry] | None]:
+    """How many entries a compact payload of at most ``limit`` bytes carries, the
+    payload, and the priority order when it was needed (None: payload order)."""
     # The records are built once (most of the cost); when everything does not
     # fit, they are put in priority order and the largest prefix that fits is
     # found by sizing prefixes exactly, not by estimating from the unsorted
@@ -117,7 +135,7 @@ def _encode_compact(entries: Sequence[Entry], limit: int) -> Payload:
         recs = compact.records(entries)
         data = compact.encode_records(recs)
         if len(data) <= limit:
-            return Payload(data, Format.COMPACT, len(entries))
+            return len(entries), data, None
         per_record = (len(data) - compact.HEADER.size) / len(entries)
         order = sorted(range(len(entries)), key=lambda i: priority_key(entries[i]))
         ordered = [entries[i] for i in order]
@@ -127,9 +145,26 @@ def _encode_compact(entries: Sequence[Entry], limit: int) -> Payload:
         recs = compact.records(ordered[:compact.MAX_RECORDS])
         per_record = 16.0  # a typical table's bytes per entry; only the first guess
     n, data = compact.largest_prefix(recs, limit, per_record)
+    return n, data, ordered
+
+
+def _encode_hybrid(entries: list[Entry], mark: int, limit: int) -> Payload:
+    # First the compact section with every entry that fits (what this
+    # helper's Load reads), then save lines, most important first, in what
+    # is left of the limit (what a Perl destination's conntrack(8) reads).
+    n, data, ordered = _compact_section(entries, hybrid.binary_budget(limit))
     if n == 0:
-        return Payload(NO_STATE, Format.NONE, 0, count_by_class(ordered))
-    return Payload(data, Format.COMPACT, n, count_by_class(ordered[n:]))
+        return _encode_text(entries, mark, limit)  # a limit too small for any section
+    section = hybrid.armor(data, n)
+    # The save lines go most important first even when all of them fit:
+    # conntrack(8) stops at the first entry the destination's kernel refuses
+    # (one that exists already, say), and what follows is lost.
+    if ordered is None:
+        ordered = by_priority(entries)
+    lines, _ = _textable(ordered)
+    text = savetext.encode_text(lines, mark, limit - len(section))
+    body = section + text.data if text.sent else section
+    return Payload(body, Format.HYBRID, n, count_by_class(ordered[n:]), text_sent=text.sent)
 
 
 class Incoming:
@@ -148,15 +183,26 @@ class Incoming:
         self.format = detect(data)
         #: Items that may become entries, and lines or records read in all.
         self.size = self.lines = 0
-        if self.format == Format.COMPACT:
+        if self.format == Format.HYBRID:
+            try:
+                self._records = compact.Records(hybrid.unarmor(data))
+                self.size = self.lines = self._records.count
+            except CodecError as err:
+                # The save lines after the section carry the most important
+                # entries again: take those instead of nothing.
+                self.refusals.refuse(0, "%s; reading its save lines instead" % err)
+                self.format = Format.TEXT
+        elif self.format == Format.COMPACT:
             try:
                 self._records = compact.Records(data)
                 self.size = self.lines = self._records.count
             except CodecError as err:
                 self.refusals.refuse(0, str(err))
                 self.lines = 1
-        elif self.format == Format.TEXT:
+        if self.format == Format.TEXT:
             decoded = savetext.decode_payload(data, mark)
+            decoded.refused += self.refusals.refused
+            decoded.samples[:0] = self.refusals.samples
             self.refusals = decoded
             self._entries = decoded.entries
             self.size = len(decoded.entries)
@@ -203,6 +249,6 @@ def decode(data: bytes, mark: int) -> Decoded:
     """
     incoming = Incoming(data, mark)
     result = incoming.refusals
-    if incoming.format == Format.COMPACT:
+    if incoming.format in (Format.COMPACT, Format.HYBRID):
         result.entries = incoming.entries(range(incoming.size))
     return result

@@ -23,6 +23,7 @@ class Format(enum.StrEnum):
     NONE = "none"
     TEXT = "text"
     COMPACT = "compact"
+    HYBRID = "hybrid"
 
 
 class Choice(enum.StrEnum):

@@ -16,7 +16,7 @@ from typing import Any
 
 from pvevmstate.dbus_api import VMSTATE_NAME
 from tests import client
-from tests.support import realistic_lines, start_bus
+from tests.support import realistic_lines, save_lines, start_bus
 
 Factory = Any
 CYCLES = int(os.environ.get("ENDURANCE_CYCLES", "500"))
@@ -71,8 +71,8 @@ def test_start_save_exit_cycles_leave_nothing(netns_factory: Factory, helper_fac
             for n in range(cycles):
                 helper = helper_factory(ns, vmid, "--linger", "0", bus=bus, qemu=qemus[vmid])
                 data = client.save(client.vm(vmid), address=bus.address)
-                if len(data.splitlines()) != 10:
-                    errors.append("VM %d cycle %d: %d lines" % (vmid, n, len(data.splitlines())))
+                if len(save_lines(data)) != 10:
+                    errors.append("VM %d cycle %d: %d lines" % (vmid, n, len(save_lines(data))))
                 code = helper.wait_exit(30)
                 if code != 0:
                     errors.append("VM %d cycle %d: exit %d\n%s" % (vmid, n, code, helper.journal()))

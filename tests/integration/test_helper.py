@@ -21,6 +21,7 @@ from tests.support import (
     example_lines,
     helper_command,
     realistic_lines,
+    save_lines,
     start_bus,
     strip_timeout,
     synthetic_lines,
@@ -30,11 +31,6 @@ from tests.support import (
 
 VMID = 100
 Factory = Any
-
-
-def payload_lines(data: bytes) -> list[str]:
-    assert data.endswith(b"\n")
-    return data.decode().splitlines()
 
 
 def test_save_equals_conntrack_save_plus_mark(netns_factory: Factory, helper_factory: Factory) -> None:
@@ -47,7 +43,7 @@ def test_save_equals_conntrack_save_plus_mark(netns_factory: Factory, helper_fac
     assert client.get_id(client.vm(VMID)) == helper_id(VMID)
     data = client.save(client.vm(VMID))
     reference = [ln + " --mark %d" % VMID for ln in ns.save_lines(VMID)]
-    got = payload_lines(data)
+    got = save_lines(data)
     assert len(got) == len(reference) == 38
     assert sorted(map(strip_timeout, got)) == sorted(map(strip_timeout, reference))
     ref_t = timeouts(reference)
@@ -179,19 +175,19 @@ def test_text_format_over_one_mib_is_capped(netns_factory: Factory, helper_facto
     helper = helper_factory(ns, VMID, "--format", "text")
     data = client.save(client.vm(VMID))
     assert 1_000_000 < len(data) <= MAX_PAYLOAD
-    sent = payload_lines(data)
+    sent = save_lines(data)
     assert client.count(client.vm(VMID)) == len(sent) < 8000
     assert "left out %d" % (8000 - len(sent)) in helper.journal()
     assert "Save: left out by class: " in helper.journal()
 
 
-def test_auto_format_sends_everything_compact(netns_factory: Factory, helper_factory: Factory) -> None:
+def test_auto_format_carries_everything_in_its_compact_section(netns_factory: Factory, helper_factory: Factory) -> None:
     ns, target = netns_factory(), netns_factory()
     ns.load(realistic_lines(20_000, seed=11, min_timeout=900), mark=VMID)
     ns.load(synthetic_lines(300, seed=12), mark=200)
     helper_factory(ns, VMID)
     data = client.save(client.vm(VMID))
-    assert data.startswith(b"PVCT") and len(data) <= MAX_PAYLOAD
+    assert data.startswith(b"#PVCT-HYBRID ") and len(data) <= MAX_PAYLOAD
     assert client.count(client.vm(VMID)) == 20_000
     client.quit_helper(client.vm(VMID))
     dst = helper_factory(target, VMID)
@@ -251,8 +247,8 @@ def test_helpers_of_two_vms_queue_and_keep_to_their_entries(netns_factory: Facto
     helper_factory(ns, 100)
     helper_factory(ns, 101)
     assert len(client.queued_owners()) >= 2
-    assert len(payload_lines(client.save(client.vm(100)))) == 40
-    lines101 = payload_lines(client.save(client.vm(101)))
+    assert len(save_lines(client.save(client.vm(100)))) == 40
+    lines101 = save_lines(client.save(client.vm(101)))
     assert len(lines101) == 60 and all(ln.endswith(" --mark 101") for ln in lines101)
 
 

@@ -36,7 +36,7 @@ from typing import Any
 
 from tests import client
 from tests.integration.test_parallel import PERL_CALLER
-from tests.support import require, strip_timeout, synthetic_lines
+from tests.support import require, save_lines, strip_timeout, synthetic_lines
 
 Factory = Any
 
@@ -62,7 +62,7 @@ def test_count_is_the_whole_number(netns_factory: Factory, helper_factory: Facto
     ns = netns_factory()
     ns.load(synthetic_lines(1234, seed=31), mark=100)
     helper_factory(ns, 100)
-    assert len(client.save(client.vm(100)).splitlines()) == 1234
+    assert len(save_lines(client.save(client.vm(100)))) == 1234
     assert client.count(client.vm(100)) == 1234
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from pvevmstate.dbus_api import VMSTATE_PATH, VMState1Interface, VMStateHelperInterface
 from tests import client
-from tests.support import REPO, Helper, require, synthetic_lines, wait_until
+from tests.support import REPO, Helper, require, save_lines, synthetic_lines, wait_until
 
 VMIDS = list(range(100, 110))
 PERL_CALLER = REPO / "tests" / "data" / "qemu-server-stop.pl"
@@ -44,7 +44,7 @@ def test_concurrent_saves_each_return_only_their_vm(ten: tuple[Any, dict[int, He
     ns, _helpers = ten
     payloads = asyncio.run(_save_all([client.vm(v) for v in VMIDS]))
     for vmid, data in zip(VMIDS, payloads, strict=True):
-        got = sorted(data.decode().splitlines())
+        got = sorted(save_lines(data))
         want = sorted("%s --mark %d" % (ln, vmid) for ln in ns.save_lines(mark=vmid))
         assert [ln.split(" -t ")[0] for ln in got] == [ln.split(" -t ")[0] for ln in want]
         assert len(got) == 20 + 3 * VMIDS.index(vmid)

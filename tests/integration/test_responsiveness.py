@@ -42,7 +42,7 @@ def test_id_answers_within_50_ms_during_a_50000_entry_save(netns_factory: Factor
     helper_factory(ns, 100)
     helper_factory(ns, 101)
     data, samples = asyncio.run(_ids_during_save(client.vm(100), client.vm(101)))
-    assert data.startswith(b"PVCT")  # the Save really carried the 50,000 entries
+    assert data.startswith(b"#PVCT-HYBRID 1 50000 ")  # the Save really carried the 50,000 entries
     for name, times in samples.items():
         # Enough reads landed inside the Save to mean something.
         assert len(times) >= 5, "only %d Id reads of %s during the Save" % (len(times), name)

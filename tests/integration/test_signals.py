@@ -118,7 +118,7 @@ def test_second_signal_during_a_save_waits_for_its_answer(netns_factory: Factory
     saving = _Call(client.save, client.vm(VMID))
     saving.start()
     _signal_twice(helper, saving, signal.SIGINT, "Save")
-    assert saving.answer().startswith(b"PVCT")
+    assert saving.answer().startswith(b"#PVCT-HYBRID ")
     assert helper.wait_exit(30) == 0, helper.journal()
     _check_journal(helper, signal.SIGINT, "Save")
     assert "Save: 100000 entries" in helper.journal()

@@ -94,7 +94,7 @@ def test_absent_fields_stay_absent() -> None:
 def test_fifty_thousand_typical_entries_fit() -> None:
     entries = parsed(realistic_lines(50_000, seed=7))
     out = payload.encode(entries, 100)
-    assert out.format == "compact" and out.sent == 50_000 and not out.left_out
+    assert out.format == payload.Format.HYBRID and out.sent == 50_000 and not out.left_out
     assert len(out.data) <= payload.MAX_PAYLOAD
 
 
