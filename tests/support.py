@@ -463,20 +463,26 @@ class Node:
 
 
 @pytest.fixture
-def nodes(tmp_path: Path, netns_factory: Any) -> Iterator[tuple[Node, Node]]:
-    """Two nodes, "source" and "target", each with its own policy bus and namespace."""
+def node_factory(tmp_path: Path, netns_factory: Any) -> Iterator[object]:
+    """Nodes: ``make(name, policy=POLICY)``, a policy bus with that policy file and a namespace each."""
     made: list[PrivateBus] = []
 
-    def make(name: str) -> Node:
-        bus = start_policy_bus(tmp_path / ("bus-" + name))
+    def make(name: str, policy: Path = POLICY) -> Node:
+        bus = start_policy_bus(tmp_path / ("bus-" + name), policy)
         made.append(bus)
         return Node(name, bus, netns_factory())
 
     try:
-        yield make("source"), make("target")
+        yield make
     finally:
         for bus in made:
             bus.stop()
+
+
+@pytest.fixture
+def nodes(node_factory: Any) -> tuple[Node, Node]:
+    """Two nodes running this helper, "source" and "target"."""
+    return node_factory("source"), node_factory("target")
 
 
 def migration_qemus(vmid: int, tmp_path: Path, qemu_factory: Any) -> tuple[Qemu, Qemu, str]:
