@@ -177,6 +177,13 @@ def load_with(ns: Netns, data: bytes, root: Path | None = None) -> subprocess.Co
 
 def _conntrack(ns: Netns, root: Path | None, *args: str, data: bytes | None = None) -> \
         subprocess.CompletedProcess[bytes]:
-    chroot = ["chroot", str(root)] if root is not None else []
-    return subprocess.run(["ip", "netns", "exec", ns.name, *chroot, "conntrack", *args], input=data,
+    if root is None:
+        cmd = ["conntrack", *args]
+    else:
+        # conntrack 1.4.8 opens /dev/stdin for "-": a symlink into /proc,
+        # which the root only has while tests/package/check.sh runs. A proc
+        # mount in a mount namespace of its own leaves no trace behind.
+        cmd = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+               'mount -t proc proc "$0/proc" && exec chroot "$0" conntrack "$@"', str(root), *args]
+    return subprocess.run(["ip", "netns", "exec", ns.name, *cmd], input=data,
                           capture_output=True, check=False, timeout=300)
