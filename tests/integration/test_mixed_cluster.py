@@ -315,6 +315,7 @@ def test_perl_load_of_our_payload(n: int, fmt: str, netns_factory: Factory, help
         assert "<4>failed to restore conntrack state" in perl.journal()
         return
     assert len(got) == n if n == 800 else 4800 <= len(got) < n
+    assert len(got) == payload.count(b"\n")  # every line our text carries, not one less
     assert established(expected) <= set(got)  # the most important first
     # listening, restored: nothing else (today at auto 6,000: ~45,000 lines).
     assert len(perl.lines()) <= 2, perl.lines()[:5]
@@ -342,4 +343,5 @@ def test_conntrack_load_file_reads_our_payload(n: int, fmt: str, conntrack: str,
     assert out.returncode == 0, out.stderr[:500]
     assert out.stderr.decode(errors="replace").splitlines() == []
     assert len(got) == n if n == 800 else 4800 <= len(got) < n
+    assert len(got) == payload.count(b"\n")
     assert established(expected) <= set(got)
