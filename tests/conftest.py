@@ -9,9 +9,20 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import PrivateBus, helper_factory, netns_factory, qemu_factory, require, start_bus
+from tests.perl_helper import perl_helper_factory
+from tests.support import (
+    PrivateBus,
+    helper_factory,
+    netns_factory,
+    node_factory,
+    nodes,
+    qemu_factory,
+    require,
+    start_bus,
+)
 
-__all__ = ["helper_factory", "netns_factory", "qemu_factory", "system_bus"]
+__all__ = ["helper_factory", "netns_factory", "node_factory", "nodes", "perl_helper_factory", "qemu_factory",
+           "system_bus"]
 
 
 @pytest.fixture(scope="session")

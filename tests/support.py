@@ -447,6 +447,70 @@ def run_cleanup(qemu: Qemu, vmid: int = 100, exit_code: str = "killed", exit_sta
     return out.returncode, out.stderr
 
 
+# ------------------------------------------------------------------ nodes and migrations
+
+
+MIGRATION_TIMEOUT = 120
+
+
+@dataclass
+class Node:
+    """One Proxmox host: its system bus and its conntrack table."""
+
+    name: str
+    bus: PrivateBus
+    ns: Netns
+
+
+@pytest.fixture
+def node_factory(tmp_path: Path, netns_factory: Any) -> Iterator[object]:
+    """Nodes: ``make(name, policy=POLICY)``, a policy bus with that policy file and a namespace each."""
+    made: list[PrivateBus] = []
+
+    def make(name: str, policy: Path = POLICY) -> Node:
+        bus = start_policy_bus(tmp_path / ("bus-" + name), policy)
+        made.append(bus)
+        return Node(name, bus, netns_factory())
+
+    try:
+        yield make
+    finally:
+        for bus in made:
+            bus.stop()
+
+
+@pytest.fixture
+def nodes(node_factory: Any) -> tuple[Node, Node]:
+    """Two nodes running this helper, "source" and "target"."""
+    return node_factory("source"), node_factory("target")
+
+
+def migration_qemus(vmid: int, tmp_path: Path, qemu_factory: Any) -> tuple[Qemu, Qemu, str]:
+    """A running source QEMU and a destination QEMU waiting in ``-incoming`` on a unix socket."""
+    uri = "unix:%s" % (tmp_path / ("migrate-%d.sock" % vmid))
+    src_qemu = qemu_factory("src%d" % vmid, machine="pc")
+    dst_qemu = qemu_factory("dst%d" % vmid, machine="pc", incoming=uri, paused=True)
+    assert dst_qemu.status() == "inmigrate"
+    return src_qemu, dst_qemu, uri
+
+
+def start_migration(src_qemu: Qemu, uri: str) -> None:
+    src_qemu.qmp("migrate-set-parameters", **{"max-bandwidth": 1 << 30, "downtime-limit": 1000})
+    src_qemu.qmp("migrate", uri=uri)
+
+
+def wait_migration(src_qemu: Qemu, what: str = "migration") -> str:
+    """Wait until the source QEMU reports an end state; return it."""
+    done = {"completed", "failed", "cancelled"}
+    wait_until(lambda: src_qemu.migration().get("status") in done, MIGRATION_TIMEOUT, what, interval=0.1)
+    return str(src_qemu.migration()["status"])
+
+
+def marked(node: Node, vmid: int) -> list[str]:
+    """The node's entries with mark ``vmid`` as save lines, timeouts stripped, sorted."""
+    return sorted(strip_timeout(ln) for ln in node.ns.save_lines(vmid))
+
+
 # ------------------------------------------------------------------ client
 
 

@@ -44,7 +44,11 @@ for my $owner (@$owners) {
         $owner, 'org.freedesktop.DBus.Properties', 'Get', 10,
         'com.proxmox.VMStateHelper', 'NumMigratedEntries',
     );
-    call_owner($owner, 'com.proxmox.VMStateHelper', 'Quit', 70);
+    # Like qemu-server, an error here is only reported: the Perl helper's
+    # Quit is declared without a reply, so its caller gets NoReply once the
+    # helper has left the bus.
+    eval { call_owner($owner, 'com.proxmox.VMStateHelper', 'Quit', 70) };
+    print STDERR "Quit: $@" if $@;
     print "$owner $count\n";
     exit 0;
 }

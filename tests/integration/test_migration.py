@@ -17,49 +17,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from pvevmstate.payload import MAX_PAYLOAD
 from tests import client
 from tests.support import (
+    MIGRATION_TIMEOUT,
     Helper,
-    Netns,
-    PrivateBus,
+    Node,
     Qemu,
+    marked,
+    migration_qemus,
     run_cleanup,
-    start_policy_bus,
-    strip_timeout,
+    start_migration,
     synthetic_lines,
+    wait_migration,
     wait_until,
 )
 
 Factory = Any
-MIGRATION_TIMEOUT = 120
-
-
-@dataclass
-class Node:
-    """One Proxmox host: its system bus and its conntrack table."""
-
-    name: str
-    bus: PrivateBus
-    ns: Netns
-
-
-@pytest.fixture
-def nodes(tmp_path: Path, netns_factory: Factory) -> Any:
-    made: list[PrivateBus] = []
-
-    def make(name: str) -> Node:
-        bus = start_policy_bus(tmp_path / ("bus-" + name))
-        made.append(bus)
-        return Node(name, bus, netns_factory())
-
-    try:
-        yield make("source"), make("target")
-    finally:
-        for bus in made:
-            bus.stop()
 
 
 @dataclass
@@ -76,25 +50,18 @@ def prepare(vmid: int, nodes: tuple[Node, Node], tmp_path: Path, qemu_factory: F
             helper_factory: Factory) -> Migration:
     """Start both QEMUs and both helpers, as qemu-server does before ``migrate``."""
     source, target = nodes
-    uri = "unix:%s" % (tmp_path / ("migrate-%d.sock" % vmid))
-    src_qemu = qemu_factory("src%d" % vmid, machine="pc")
-    dst_qemu = qemu_factory("dst%d" % vmid, machine="pc", incoming=uri, paused=True)
-    assert dst_qemu.status() == "inmigrate"
+    src_qemu, dst_qemu, uri = migration_qemus(vmid, tmp_path, qemu_factory)
     src = helper_factory(source.ns, vmid, "--linger", "60", bus=source.bus, qemu=src_qemu)
     dst = helper_factory(target.ns, vmid, "--linger", "60", bus=target.bus, qemu=dst_qemu)
     return Migration(vmid, src_qemu, dst_qemu, src, dst, uri)
 
 
-def start_migration(m: Migration) -> None:
-    m.src_qemu.qmp("migrate-set-parameters", **{"max-bandwidth": 1 << 30, "downtime-limit": 1000})
-    m.src_qemu.qmp("migrate", uri=m.uri)
+def start(m: Migration) -> None:
+    start_migration(m.src_qemu, m.uri)
 
 
-def wait_migration(m: Migration) -> str:
-    done = {"completed", "failed", "cancelled"}
-    wait_until(lambda: m.src_qemu.migration().get("status") in done, MIGRATION_TIMEOUT,
-               "migration of VM %d" % m.vmid, interval=0.1)
-    return str(m.src_qemu.migration()["status"])
+def wait(m: Migration) -> str:
+    return wait_migration(m.src_qemu, "migration of VM %d" % m.vmid)
 
 
 def finish(m: Migration, source: Node, target: Node) -> tuple[int, int]:
@@ -115,10 +82,6 @@ def finish(m: Migration, source: Node, target: Node) -> tuple[int, int]:
     return counts
 
 
-def marked(node: Node, vmid: int) -> list[str]:
-    return sorted(strip_timeout(ln) for ln in node.ns.save_lines(vmid))
-
-
 def test_migration_carries_exactly_the_vms_entries(nodes: Any, tmp_path: Path, qemu_factory: Factory,
                                                    helper_factory: Factory) -> None:
     source, target = nodes
@@ -127,8 +90,8 @@ def test_migration_carries_exactly_the_vms_entries(nodes: Any, tmp_path: Path, q
     source.ns.load(synthetic_lines(50, seed=23, base=40000))
     expected = marked(source, 100)
     m = prepare(100, nodes, tmp_path, qemu_factory, helper_factory)
-    start_migration(m)
-    assert wait_migration(m) == "completed"
+    start(m)
+    assert wait(m) == "completed"
     sent, created = finish(m, source, target)
     assert marked(target, 100) == expected
     assert target.ns.save_lines() == target.ns.save_lines(100)  # nothing of other marks
@@ -142,8 +105,8 @@ def test_empty_table_migrates_with_one_byte(nodes: Any, tmp_path: Path, qemu_fac
     source, target = nodes
     source.ns.load(synthetic_lines(20, seed=24), mark=200)
     m = prepare(100, nodes, tmp_path, qemu_factory, helper_factory)
-    start_migration(m)
-    assert wait_migration(m) == "completed"
+    start(m)
+    assert wait(m) == "completed"
     assert finish(m, source, target) == (0, 0)
     assert "in 1 bytes" in m.src.journal()
     assert target.ns.save_lines() == []
@@ -156,8 +119,8 @@ def test_table_over_one_mib_migrates(nodes: Any, tmp_path: Path, qemu_factory: F
     source.ns.load(synthetic_lines(9000, seed=25), mark=100)
     expected = marked(source, 100)
     m = prepare(100, nodes, tmp_path, qemu_factory, helper_factory)
-    start_migration(m)
-    assert wait_migration(m) == "completed"
+    start(m)
+    assert wait(m) == "completed"
     assert finish(m, source, target) == (9000, 9000)
     assert marked(target, 100) == expected
     assert "as compact (limit %d), left out 0" % MAX_PAYLOAD in m.src.journal()
@@ -171,9 +134,9 @@ def test_two_vms_migrate_at_once_over_the_same_buses(nodes: Any, tmp_path: Path,
     expected = {vmid: marked(source, vmid) for vmid in (100, 101)}
     ms = [prepare(vmid, nodes, tmp_path, qemu_factory, helper_factory) for vmid in (100, 101)]
     for m in ms:
-        start_migration(m)
+        start(m)
     for m in ms:
-        assert wait_migration(m) == "completed"
+        assert wait(m) == "completed"
     for m in ms:
         assert finish(m, source, target) == (len(expected[m.vmid]),) * 2
         assert marked(target, m.vmid) == expected[m.vmid]
@@ -193,12 +156,12 @@ def test_failed_migration_after_save_leaves_no_object_on_the_source(nodes: Any, 
         qemu.qmp("migrate-set-capabilities", capabilities=[{"capability": "return-path", "state": True}])
     os.kill(m.dst.proc.pid, signal.SIGSTOP)
     try:
-        start_migration(m)
+        start(m)
         wait_until(lambda: "Save: 100 entries" in m.src.journal(), MIGRATION_TIMEOUT, "Save on the source")
         m.dst_qemu.stop()
     finally:
         os.kill(m.dst.proc.pid, signal.SIGCONT)
-    assert wait_migration(m) == "failed"
+    assert wait(m) == "failed"
     # The source VM runs on, without the object, and its helper is gone.
     assert m.src.wait_exit(30) == 0, m.src.journal()
     assert "pve-vmstate" not in m.src_qemu.objects()
