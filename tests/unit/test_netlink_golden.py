@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pvevmstate import nlmsg
+from pvevmstate import netlink
 from pvevmstate.entry import (
     IPS_DST_NAT_DONE,
     IPS_SRC_NAT_DONE,
@@ -62,7 +62,7 @@ def _messages(buf: bytes) -> list[tuple[int, int]]:
     out, off = [], 0
     while off + 16 <= len(buf):
         mlen, mtype = struct.unpack_from("=IH", buf, off)
-        if mtype == nlmsg.IPCTNL_MSG_CT_NEW:
+        if mtype == netlink.IPCTNL_MSG_CT_NEW:
             out.append((off, mlen))
         off += (mlen + 3) & ~3
     return out
@@ -70,7 +70,7 @@ def _messages(buf: bytes) -> list[tuple[int, int]]:
 
 def _as_dump_message(req: bytes) -> bytes:
     """A create request re-typed as a dump reply."""
-    return struct.pack("=IHHII", len(req), nlmsg.IPCTNL_MSG_CT_NEW, nlmsg.NLM_F_MULTI, 1, 0) + req[16:]
+    return struct.pack("=IHHII", len(req), netlink.IPCTNL_MSG_CT_NEW, netlink.NLM_F_MULTI, 1, 0) + req[16:]
 
 
 # ---------------------------------------------------------------- the tests
@@ -95,29 +95,32 @@ def test_create_requests_are_the_golden_bytes() -> None:
         e = _entry_from_json(c["entry"])
         want = bytes.fromhex(c["bytes"])
         args = (e, c["mark"], c["seq"], c["ack"])
-        assert nlmsg.create_request_general(*args) == want, (i, e)
-        assert nlmsg.create_request(*args) == want, (i, e)
+        assert netlink.create_request_general(*args) == want, (i, e)
+        assert netlink.create_request(*args) == want, (i, e)
 
 
 def test_requests_decode_to_the_golden_entries() -> None:
+    layouts = netlink.LayoutCache()
     for i, c in enumerate(_golden()["requests"]):
         req = bytes.fromhex(c["bytes"])
         want = _entry_from_json(c["decoded"])
-        assert nlmsg.decode_entry(req, 20, len(req), req[16]) == want, i
+        assert netlink.decode_entry(req, 20, len(req), req[16]) == want, i
         msg = _as_dump_message(req)
-        assert nlmsg.decode_message(msg, 0, len(msg)) == want, i  # learns, or reads by a layout
-        assert nlmsg.decode_message(msg, 0, len(msg)) == want, i
+        assert layouts.decode_message(msg, 0, len(msg)) == want, i  # learns, or reads by a layout
+        assert layouts.decode_message(msg, 0, len(msg)) == want, i
 
 
 def test_kernel_dumps_decode_to_the_golden_entries() -> None:
     for d in _golden()["dumps"]:
         buf = bytes.fromhex(d["datagram"])
         want = [_entry_from_json(x) for x in d["entries"]]
-        assert [nlmsg.decode_entry(buf, off + 20, off + mlen, buf[off + 16]) for off, mlen in _messages(buf)] == want
+        assert [netlink.decode_entry(buf, off + 20, off + mlen, buf[off + 16]) for off, mlen in _messages(buf)] == want
+        layouts = netlink.LayoutCache()
         for _ in range(2):  # learning, then by the learned layouts
             out: list[Entry] = []
-            nlmsg.decode_dump(buf, len(buf), d["seq"], out)
+            netlink.decode_dump(buf, len(buf), d["seq"], out, layouts)
             assert out == want
+        assert layouts.snapshot()
 
 
 # ---------------------------------------------------------------- regenerating
@@ -196,12 +199,12 @@ def _dump_in_namespace(lines: list[str], mark: int) -> list[bytes]:
         finally:
             netns.popns()
         grams: list[bytes] = []
-        sock.send(nlmsg.dump_request(1, mark))
+        sock.send(netlink.dump_request(1, mark))
         buf = bytearray(1 << 20)
         while True:
             n = sock.recv_into(buf)
             grams.append(bytes(buf[:n]))
-            if nlmsg.decode_dump(grams[-1], n, 1, []).done:
+            if netlink.decode_dump(grams[-1], n, 1, []).done:
                 break
         sock.close()
         return grams
@@ -218,7 +221,7 @@ def regenerate() -> None:
     dumps = []
     kernel: list[Entry] = []
     for g in grams:
-        entries = [nlmsg.decode_entry(g, off + 20, off + mlen, g[off + 16]) for off, mlen in _messages(g)]
+        entries = [netlink.decode_entry(g, off + 20, off + mlen, g[off + 16]) for off, mlen in _messages(g)]
         if entries:
             dumps.append({"seq": 1, "datagram": g.hex(), "entries": [_entry_to_json(e) for e in entries]})
             kernel += entries
@@ -227,9 +230,9 @@ def regenerate() -> None:
     requests = []
     for i, e in enumerate(_variants(base)):
         mark, seq, ack = 100 + i % 3, i + 1, i % 2 == 1
-        req = nlmsg.create_request_general(e, mark, seq, ack)
+        req = netlink.create_request_general(e, mark, seq, ack)
         requests.append({"entry": _entry_to_json(e), "mark": mark, "seq": seq, "ack": ack, "bytes": req.hex(),
-                         "decoded": _entry_to_json(nlmsg.decode_entry(req, 20, len(req), req[16]))})
+                         "decoded": _entry_to_json(netlink.decode_entry(req, 20, len(req), req[16]))})
     text = json.dumps({"requests": requests, "dumps": dumps}, separators=(",", ":"))
     GOLDEN.write_bytes(gzip.compress(text.encode("ascii"), 9, mtime=0))
     print("%d requests, %d datagrams -> %s (%d bytes)" % (len(requests), len(dumps), GOLDEN, GOLDEN.stat().st_size),
