@@ -356,11 +356,13 @@ class LayoutCache:
                 if lay.heads_of(vals) == lay.heads:
                     return Entry(*lay.pick((*vals, *lay.tail)))
         e = decode_entry(buf, off + 20, off + mlen, family)
-        if (len(known) < self.max_per_key if known is not None else len(self._known) < self.max_layouts):
-            self._learn(buf, off, mlen, key)
+        self._learn(buf, off, mlen, key)
         return e
 
     def _learn(self, buf: bytes, off: int, mlen: int, key: tuple[int, int]) -> None:
+        # The bounds are checked here only, under the lock, so that two threads
+        # cannot both add the last layout a key has room for. (The lock costs a
+        # small fraction of the walk that precedes it.)
         with self._lock:
             known = self._known.get(key, ())
             if (not known and len(self._known) >= self.max_layouts) or len(known) >= self.max_per_key:

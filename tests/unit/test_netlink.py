@@ -241,6 +241,17 @@ def test_one_layout_cache_shared_by_threads() -> None:
         assert len(heads) == len(set(heads))
 
 
+def test_a_layout_two_threads_walked_is_learned_once() -> None:
+    # What two threads do that both missed the cache for one message and
+    # walked it: each then learns it. The second must not add it again.
+    layouts = netlink.LayoutCache()
+    msg = _as_dump_message(codec.parse_line(example_lines()[0]))
+    key = (len(msg), msg[16])
+    layouts._learn(msg, 0, len(msg), key)
+    layouts._learn(msg, 0, len(msg), key)
+    assert len(layouts.snapshot()[key]) == 1
+
+
 def test_the_walker_is_written_from_the_table() -> None:
     # Every attribute an Entry field comes from has its branch in the generated walker.
     src = codec_module.WALKER_SOURCE
