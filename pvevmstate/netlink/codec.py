@@ -311,7 +311,7 @@ def _learn(buf: bytes, start: int, end: int, family: int) -> Layout | None:
             picks.append(len(order) + len(tail))
             tail.append(family if fname == "family" else _ABSENT[fname])
     return Layout(unpack, heads_pick, heads_pick(unpack(buf, start)),
-                   operator.itemgetter(*picks), tuple(tail))
+                  operator.itemgetter(*picks), tuple(tail))
 
 
 class LayoutCache:
