@@ -2,8 +2,8 @@
 
 pyroute2 creates the NETLINK_NETFILTER socket (in the caller's network
 namespace); the hot path then talks to that socket directly with batched
-requests and :mod:`pvevmstate.nlmsg`, because pyroute2's generic message
-classes cost 30 to 50 times what the kernel does (NETLINK.md). Everything here
+requests and :mod:`pvevmstate.netlink`, because pyroute2's generic message
+classes cost 30 to 50 times what the kernel does. Everything here
 blocks: the daemon runs it in a worker thread.
 """
 
@@ -18,7 +18,7 @@ import socket
 
 from pyroute2 import NFCTSocket
 
-from . import nlmsg
+from . import netlink
 from .entry import CreateResult, Entry, TableStats
 from .errors import ConntrackError
 
@@ -98,6 +98,8 @@ class Conntrack:
         self._sock = sock if sock is not None else open_netlink_socket()
         self._seq = 0
         self._buf = bytearray(1 << 20)
+        #: Dump layouts learned on this table's messages (kept across dumps and socket reopenings).
+        self._layouts = netlink.LayoutCache()
         try:
             rcvbuf = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
         except OSError as err:
@@ -150,12 +152,12 @@ class Conntrack:
 
     def _dump_once(self, mark: int) -> tuple[list[Entry], bool]:
         seq = self._next_seq()
-        self._sock.send(nlmsg.dump_request(seq, mark))
+        self._sock.send(netlink.dump_request(seq, mark))
         entries: list[Entry] = []
         interrupted = False
         while True:
             data, n = self._recv()
-            chunk = nlmsg.decode_dump(data, n, seq, entries)
+            chunk = netlink.decode_dump(data, n, seq, entries, self._layouts)
             interrupted = interrupted or chunk.interrupted
             if chunk.done:
                 return entries, interrupted
@@ -171,10 +173,10 @@ class Conntrack:
         """
         seq = self._next_seq()
         try:
-            self._sock.send(nlmsg.stats_request(seq))
+            self._sock.send(netlink.stats_request(seq))
             while True:
                 data, n = self._recv()
-                found = nlmsg.decode_stats(data, n, seq)
+                found = netlink.decode_stats(data, n, seq)
                 if found is not None:
                     break
         except OSError as err:
@@ -230,7 +232,7 @@ class Conntrack:
             return 0
         first = self._seq + 1
         try:
-            self._sock.send(b"".join(nlmsg.get_request(e, self._next_seq()) for e in wanted.values()))
+            self._sock.send(b"".join(netlink.get_request(e, self._next_seq()) for e in wanted.values()))
         except OSError as err:
             raise ConntrackError("sending NAT checks failed", err.errno) from err
         index = dict(enumerate(wanted))
@@ -243,7 +245,7 @@ class Conntrack:
                     self._drain()
                     return remapped
                 raise ConntrackError("reading NAT checks failed", err.errno) from err
-            for seq, got, _code in nlmsg.iter_get_replies(data, n):
+            for seq, got, _code in netlink.iter_get_replies(data, n, self._layouts):
                 i = index.get(seq - first)
                 if i is None:
                     continue
@@ -258,7 +260,7 @@ class Conntrack:
             return
         first = self._seq + 1
         last_index = len(batch) - 1
-        msgs = [nlmsg.create_request(e, mark, self._next_seq(), i == last_index)
+        msgs = [netlink.create_request(e, mark, self._next_seq(), i == last_index)
                 for i, e in enumerate(batch)]
         last_seq = self._seq
         try:
@@ -288,7 +290,7 @@ class Conntrack:
                     self._drain()
                     return
                 raise ConntrackError("reading create replies failed", err.errno) from err
-            for seq, code in nlmsg.iter_acks(data, n):
+            for seq, code in netlink.iter_acks(data, n):
                 if not first <= seq <= last_seq:
                     continue
                 if code:

@@ -20,7 +20,7 @@ from typing import cast
 
 from pyroute2 import netns
 
-from pvevmstate import nlmsg, payload
+from pvevmstate import netlink, payload
 from pvevmstate.conntrack import Conntrack
 from pvevmstate.payload import Decoded
 from tests.support import realistic_lines
@@ -41,15 +41,15 @@ def raw_dump(table: Conntrack) -> int:
     """Receive a mark-filtered dump without decoding it: the kernel's share."""
     # The adapter's own socket: what its dump receives, without the decoding.
     sock, buf = table._sock, table._buf
-    sock.send(nlmsg.dump_request(1, VMID))
+    sock.send(netlink.dump_request(1, VMID))
     total = 0
     while True:
         n = sock.recv_into(buf)
         total += n
-        chunk = nlmsg.decode_dump(bytes(buf[:n]), n, 1, []) if n < 64 else None
+        chunk = netlink.decode_dump(bytes(buf[:n]), n, 1, []) if n < 64 else None
         if chunk is not None and chunk.done:
             return total
-        if n >= 16 and int.from_bytes(buf[n - 16 + 4:n - 16 + 6], sys.byteorder) == nlmsg.NLMSG_DONE:
+        if n >= 16 and int.from_bytes(buf[n - 16 + 4:n - 16 + 6], sys.byteorder) == netlink.NLMSG_DONE:
             return total
 
 
@@ -78,7 +78,7 @@ def phases(n: int) -> dict[str, float]:
         out["decode payload"], decoded_any = timed(lambda: payload.decode(encoded.data, VMID))
         decoded = cast(Decoded, decoded_any)
         out["build create requests"], _ = timed(
-            lambda: [nlmsg.create_request(e, VMID, i, False) for i, e in enumerate(decoded.entries)])
+            lambda: [netlink.create_request(e, VMID, i, False) for i, e in enumerate(decoded.entries)])
 
         def create() -> float:
             subprocess.run(["conntrack", "-D", "--mark", str(VMID)], check=False, stdout=subprocess.DEVNULL,

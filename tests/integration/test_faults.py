@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from pvevmstate import conntrack as conntrack_mod
-from pvevmstate import nlmsg
+from pvevmstate import netlink
 from pvevmstate.conntrack import Conntrack, open_netlink_socket
 from pvevmstate.dbus_api import VMSTATE_PATH, VMState1Interface
 from pvevmstate.errors import ConntrackError
@@ -108,7 +108,7 @@ class FaultySocket:
         if self._fault == "intr" and not self.fired:
             self.fired = True
             flags_now = int.from_bytes(buf[6:8], "little")
-            buf[6:8] = (flags_now | nlmsg.NLM_F_DUMP_INTR).to_bytes(2, "little")
+            buf[6:8] = (flags_now | netlink.NLM_F_DUMP_INTR).to_bytes(2, "little")
         return n
 
 
