@@ -105,16 +105,17 @@ def test_never_above_one_mib(n: int, fmt: payload.Choice) -> None:
     out = payload.encode(entries, 123456789, fmt=fmt)
     assert 1 <= len(out.data) <= payload.MAX_PAYLOAD
     assert out.sent + out.left_out_total == n
-    if fmt == "auto" and n <= 5000:
-        assert out.format in ("text", "none") and not out.left_out
+    if fmt == "auto" and n <= 20_000:
+        assert out.format in ("hybrid", "none") and not out.left_out
     decoded = payload.decode(out.data, 123456789)
     assert len(decoded.entries) == out.sent and decoded.refused == 0
 
 
-def test_auto_is_text_when_everything_fits_and_compact_otherwise() -> None:
+def test_auto_is_hybrid_and_the_choices_are_kept() -> None:
     small = parsed(realistic_lines(100, seed=1))
-    assert payload.encode(small, 100).format == "text"
-    assert payload.encode(small, 100, limit=5000).format == "compact"
+    assert payload.encode(small, 100).format == "hybrid"
+    assert payload.encode(small, 100, limit=5000).format == "hybrid"
+    assert payload.encode(small, 100, fmt=payload.Choice.TEXT).format == "text"
     assert payload.encode(small, 100, fmt=payload.Choice.COMPACT).format == "compact"
 
 
@@ -155,7 +156,7 @@ def busy_table() -> list[Entry]:
 
 
 def test_above_capacity_sends_the_largest_priority_prefix_that_fits(busy_table: list[Entry]) -> None:
-    out = payload.encode(busy_table, 100)
+    out = payload.encode(busy_table, 100, fmt=payload.Choice.COMPACT)
     ordered = priority.by_priority(busy_table)
     assert out.format == "compact" and len(out.data) <= payload.MAX_PAYLOAD
     # Issue 11: the shrink step sent ~72,000 here while ~94,000 fit.
