@@ -208,7 +208,11 @@ def _run(args: argparse.Namespace) -> int:
                         table_reserve=args.table_reserve)
     if args.cleanup:
         return cleanup.run(settings)
-    daemon = Daemon(settings)
+    # Loaded here, before the event loop takes its descriptors: with none
+    # left, the netlink socket is what fails, with the error that says so.
+    from .conntrack import Conntrack
+
+    daemon = Daemon(settings, backend_factory=Conntrack)
     # Until the daemon's loop handles it, SIGINT ends the process as SIGTERM
     # does (nothing is registered yet) instead of raising KeyboardInterrupt;
     # this also keeps asyncio's runner from installing its own SIGINT handler.

@@ -23,7 +23,7 @@ from ..entry import IPS_EXPECTED, Entry
 from ..errors import CodecError
 from . import compact, hybrid, priority, savetext
 from .base import MAX_PAYLOAD, NO_STATE, Choice, Decoded, Format, Refusal
-from .priority import CLASSES, by_priority, count_by_class, priority_key
+from .priority import CLASSES, by_priority, count_by_class
 
 __all__ = [
     "CLASSES", "MAX_PAYLOAD", "MIN_TEXT_LINE", "NO_STATE", "READERS", "Choice", "Decoded", "Format", "Incoming",
@@ -137,7 +137,7 @@ def _compact_section(entries: Sequence[Entry], limit: int) -> tuple[int, bytes, 
         if len(data) <= limit:
             return len(entries), data, None
         per_record = (len(data) - compact.HEADER.size) / len(entries)
-        order = sorted(range(len(entries)), key=lambda i: priority_key(entries[i]))
+        order = priority.order_of(entries)
         ordered = [entries[i] for i in order]
         recs = [recs[i] for i in order]
     else:

@@ -46,7 +46,10 @@ def _children_of(pid: int) -> list[tuple[int, str]]:
 
 
 def _netns() -> set[str]:
-    return set(subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout.split())
+    # This run's namespaces only: another test run on the machine has its own.
+    mine = "pvevmstate-%d-" % os.getpid()
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout.split()
+    return {name for name in listed if name.startswith(mine)}
 
 
 def test_start_save_exit_cycles_leave_nothing(netns_factory: Factory, helper_factory: Factory,

@@ -123,7 +123,7 @@ def test_table_over_one_mib_migrates(nodes: Any, tmp_path: Path, qemu_factory: F
     assert wait(m) == "completed"
     assert finish(m, source, target) == (9000, 9000)
     assert marked(target, 100) == expected
-    assert "as compact (limit %d), left out 0" % MAX_PAYLOAD in m.src.journal()
+    assert "as hybrid (limit %d), left out 0" % MAX_PAYLOAD in m.src.journal()
 
 
 def test_two_vms_migrate_at_once_over_the_same_buses(nodes: Any, tmp_path: Path, qemu_factory: Factory,
