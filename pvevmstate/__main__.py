@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The command line parser (``--help`` documents every option)."""
     from .daemon import DEFAULT_LINGER
     from .payload import Choice
-    from .qmp import DEFAULT_TIMEOUT
+    from .qemu.qmp import DEFAULT_TIMEOUT
     from .vmstate import DEFAULT_TABLE_RESERVE
 
     parser = _Parser(
@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     (a traceback only with ``--debug``, at debug priority), the way firewalld
     guards its main: the journal must say what failed, not where.
     """
-    from . import cleanup
+    from .qemu import cleanup
 
     argv = sys.argv[1:] if argv is None else argv
     if "--cleanup" in argv and not cleanup.needed(os.environ):
@@ -200,8 +200,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from . import cleanup
     from .daemon import Daemon, Settings
+    from .qemu import cleanup
 
     settings = Settings(vmid=args.vmid, linger=args.linger, qmp_socket=args.qmp_socket or "",
                         qmp_timeout=args.qmp_timeout, payload_format=args.format,
@@ -210,7 +210,7 @@ def _run(args: argparse.Namespace) -> int:
         return cleanup.run(settings)
     # Loaded here, before the event loop takes its descriptors: with none
     # left, the netlink socket is what fails, with the error that says so.
-    from .conntrack import Conntrack
+    from .netlink.conntrack import Conntrack
 
     daemon = Daemon(settings, backend_factory=Conntrack)
     # Until the daemon's loop handles it, SIGINT ends the process as SIGTERM

@@ -52,7 +52,7 @@ from sdbus.sd_bus_internals import (
     NameReplaceExistingFlag,
 )
 
-from .dbus_api import (
+from .dbus.api import (
     BUS_DRIVER_NAME,
     BUS_DRIVER_PATH,
     VMSTATE_NAME,
@@ -61,13 +61,13 @@ from .dbus_api import (
     helper_bus_name,
     helper_id,
 )
+from .dbus.service import VMStateService
 from .errors import BusError, QMPError, VMStateError
 from .notify import sd_notify
 from .payload import Choice
-from .qemu import QemuObject, default_qmp_socket, system_bus_address
-from .qmp import DEFAULT_TIMEOUT as QMP_TIMEOUT
-from .qmp import QMPClient
-from .service import VMStateService
+from .qemu.qmp import DEFAULT_TIMEOUT as QMP_TIMEOUT
+from .qemu.qmp import QMPClient
+from .qemu.vmobject import QemuObject, default_qmp_socket, system_bus_address
 from .vmstate import DEFAULT_TABLE_RESERVE, ConntrackBackend, VMState
 
 log = logging.getLogger(__name__)
@@ -159,7 +159,7 @@ def open_table() -> ConntrackBackend:
     Imported here, not at the top: only a real table needs pyroute2, so the
     D-Bus layer and its tests do not.
     """
-    from .conntrack import Conntrack
+    from .netlink.conntrack import Conntrack
 
     return Conntrack()
 

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from . import payload
-from .entry import CreateResult, Entry, TableStats
 from .errors import errno_text
+from .model import CreateResult, Entry, TableStats
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from sdbus import DbusNameHasNoOwnerError, sd_bus_open_system
 
-from pvevmstate.dbus_api import (
+from pvevmstate.dbus.api import (
     BUS_DRIVER_NAME,
     BUS_DRIVER_PATH,
     VMSTATE_NAME,

@@ -1,6 +1,6 @@
 """ctnetlink: the attribute table of a conntrack entry (:mod:`.schema`) and the
 message codec derived from it (:mod:`.codec`); pure, no sockets. The socket
-adapter is :mod:`pvevmstate.conntrack`.
+adapter is :mod:`pvevmstate.netlink.conntrack`.
 """
 
 from .codec import (

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
-from ..entry import (
+from ..errors import ConntrackError
+from ..model import (
     AF_INET,
     AF_INET6,
     IPS_CONFIRMED,
@@ -34,7 +35,6 @@ from ..entry import (
     TCP_STATE_TIME_WAIT,
     Entry,
 )
-from ..errors import ConntrackError
 from .schema import (
     ADDR,
     CTA_MARK,

@@ -3,7 +3,7 @@
 Numbers are the kernel's (``include/uapi/linux/netfilter/nfnetlink_conntrack.h``
 and ``include/uapi/linux/netlink.h``). :data:`TABLE` says, once, for every
 attribute an entry message carries: its number, how its value is laid out,
-what it nests, its kernel name, and the :class:`~pvevmstate.entry.Entry` field
+what it nests, its kernel name, and the :class:`~pvevmstate.model.Entry` field
 (or request-only value) it carries, the tuples once per direction. Everything
 that reads or writes entry messages is derived from it in :mod:`.codec`: the
 attribute walker, the learned-layout decoder's leaf map, the general request
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..entry import AF_INET, AF_INET6, PROTO_DCCP, PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP
+from ..model import AF_INET, AF_INET6, PROTO_DCCP, PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP
 
 # ------------------------------------------------------------ netlink, nfnetlink
 

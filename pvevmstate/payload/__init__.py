@@ -19,8 +19,8 @@ from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
-from ..entry import IPS_EXPECTED, Entry
 from ..errors import CodecError
+from ..model import IPS_EXPECTED, Entry
 from . import compact, hybrid, priority, savetext
 from .base import MAX_PAYLOAD, NO_STATE, Choice, Decoded, Format, Refusal
 from .priority import CLASSES, by_priority, count_by_class

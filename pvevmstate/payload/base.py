@@ -6,7 +6,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from ..entry import Entry
+from ..model import Entry
 
 #: QEMU's limit for one helper's state, inclusive (``DBUS_VMSTATE_SIZE_LIMIT``).
 MAX_PAYLOAD = 1 << 20

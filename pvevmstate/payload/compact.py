@@ -55,9 +55,9 @@ import zlib
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from ..entry import AF_INET, AF_INET6, IPS_EXPECTED, Entry
 from ..errors import CodecError
 from ..memo import Memo
+from ..model import AF_INET, AF_INET6, IPS_EXPECTED, Entry
 from .base import Decoded
 
 MAGIC = b"PVCT"

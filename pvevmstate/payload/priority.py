@@ -12,7 +12,7 @@ import heapq
 from collections import Counter
 from collections.abc import Iterable, Sequence
 
-from ..entry import IPS_ASSURED, PROTO_TCP, PROTO_UDP, TCP_STATE_ESTABLISHED, Entry
+from ..model import IPS_ASSURED, PROTO_TCP, PROTO_UDP, TCP_STATE_ESTABLISHED, Entry
 
 #: The priority classes, most important first (names as the journal shows them).
 CLASSES = ("established TCP", "other TCP", "assured UDP", "other")
@@ -41,10 +41,10 @@ def priority_key(e: Entry) -> tuple[int, int]:
 def by_priority(entries: Sequence[Entry]) -> list[Entry]:
     """The entries, most important first (stable within equal keys).
 
-    Sorted as one int per entry (:func:`order`), not as key tuples: Save runs
-    this in a worker thread, and a C-level sort of 50,000 tuples holds the
-    GIL for ~45 ms, an int sort for a few, so the event loop keeps answering
-    ``Id`` reads meanwhile.
+    Sorted as one int per entry in short runs (:func:`order`), not as key
+    tuples in one call: Save runs this in a worker thread, and one C-level
+    sort of 50,000 tuples holds the GIL for ~45 ms, while the event loop must
+    keep answering ``Id`` reads.
     """
     return [entries[i] for i in order_of(entries)]
 

@@ -38,7 +38,7 @@ from typing import Any
 from pyroute2 import netns
 from sdbus import SdBus
 
-from pvevmstate.dbus_api import VMSTATE_PATH, VMState1Interface, helper_bus_name
+from pvevmstate.dbus.api import VMSTATE_PATH, VMState1Interface, helper_bus_name
 from tests import client
 from tests.support import REPO, PrivateBus, Qemu, helper_command, realistic_lines, start_bus, start_qemu
 
@@ -116,7 +116,7 @@ async def wait_for(predicate: Callable[[], Any], timeout: float = 30, interval: 
 
 async def start_helper(ns: str, bus: PrivateBus, qemu: Qemu, log: Path, conn: SdBus) -> tuple[Helper, float, float]:
     """Start a helper; return it with exec→name held and exec→ready in ms."""
-    from pvevmstate.dbus_api import BUS_DRIVER_NAME, BUS_DRIVER_PATH, BusDriver
+    from pvevmstate.dbus.api import BUS_DRIVER_NAME, BUS_DRIVER_PATH, BusDriver
 
     driver = BusDriver.new_proxy(BUS_DRIVER_NAME, BUS_DRIVER_PATH, conn)
     helper = Helper(ns, bus, qemu, log)

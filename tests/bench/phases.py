@@ -21,7 +21,7 @@ from typing import cast
 from pyroute2 import netns
 
 from pvevmstate import netlink, payload
-from pvevmstate.conntrack import Conntrack
+from pvevmstate.netlink.conntrack import Conntrack
 from pvevmstate.payload import Decoded
 from tests.support import realistic_lines
 

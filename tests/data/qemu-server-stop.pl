@@ -1,5 +1,5 @@
 #!/usr/bin/perl
-# Stops a VM's helper the way qemu-server does (shared/docs/PROTOCOL.md §2),
+# Stops a VM's helper the way qemu-server does (its QemuMigrate and DBusVMState code),
 # with Debian's Net::DBus: walk the queue of org.qemu.VMState1, read each
 # owner's Id at the owner's unique name (a call to the well-known name would
 # reach only the primary owner, which may be another VM's helper), and for the

@@ -13,9 +13,9 @@ import pytest
 from sdbus import sd_bus_open_system
 
 from pvevmstate.daemon import Daemon, Settings
-from pvevmstate.dbus_api import VMSTATE_PATH, VMState1Interface, VMStateHelperInterface, helper_bus_name
-from pvevmstate.entry import CreateResult, Entry, TableStats
-from pvevmstate.qemu import QemuObject
+from pvevmstate.dbus.api import VMSTATE_PATH, VMState1Interface, VMStateHelperInterface, helper_bus_name
+from pvevmstate.model import CreateResult, Entry, TableStats
+from pvevmstate.qemu.vmobject import QemuObject
 from tests.support import PrivateBus
 
 
@@ -117,7 +117,7 @@ def test_the_bus_layer_does_not_need_pyroute2() -> None:
     import subprocess
     import sys
 
-    code = ("import sys, pvevmstate.daemon, pvevmstate.service, pvevmstate.vmstate, pvevmstate.payload; "
+    code = ("import sys, pvevmstate.daemon, pvevmstate.dbus.service, pvevmstate.vmstate, pvevmstate.payload; "
             "sys.exit('pyroute2' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 

@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 from sdbus import DbusFailedError, SdBus, sd_bus_open_system
 
-from pvevmstate.dbus_api import VMSTATE_PATH, VMState1Interface, VMStateHelperInterface
-from pvevmstate.entry import CreateResult, Entry, TableStats
+from pvevmstate.dbus.api import VMSTATE_PATH, VMState1Interface, VMStateHelperInterface
+from pvevmstate.dbus.service import VMStateService
 from pvevmstate.errors import ConntrackError, VMStateError
-from pvevmstate.service import VMStateService
+from pvevmstate.model import CreateResult, Entry, TableStats
 from pvevmstate.vmstate import VMState
 from tests.support import PrivateBus
 

@@ -14,7 +14,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from pvevmstate.dbus_api import VMSTATE_NAME
+from pvevmstate.dbus.api import VMSTATE_NAME
 from tests import client
 from tests.support import realistic_lines, save_lines, start_bus
 

@@ -16,11 +16,11 @@ from typing import Any
 
 import pytest
 
-from pvevmstate import conntrack as conntrack_mod
 from pvevmstate import netlink
-from pvevmstate.conntrack import Conntrack, open_netlink_socket
-from pvevmstate.dbus_api import VMSTATE_PATH, VMState1Interface
+from pvevmstate.dbus.api import VMSTATE_PATH, VMState1Interface
 from pvevmstate.errors import ConntrackError
+from pvevmstate.netlink import conntrack as conntrack_mod
+from pvevmstate.netlink.conntrack import Conntrack, open_netlink_socket
 from pvevmstate.payload import NO_STATE
 from tests import client
 from tests.support import realistic_lines, save_lines, start_bus, synthetic_lines, wait_until

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from pvevmstate.dbus_api import VMSTATE_NAME, helper_id
-from pvevmstate.entry import IPS_SRC_NAT_DONE
+from pvevmstate.dbus.api import VMSTATE_NAME, helper_id
+from pvevmstate.model import IPS_SRC_NAT_DONE
 from pvevmstate.payload import MAX_PAYLOAD
 from tests import client
 from tests.support import (
@@ -309,7 +309,7 @@ def kernel_entries(ns: Any, mark: int) -> list[Any]:
     """The namespace's entries with ``mark`` as our netlink code reads them."""
     from pyroute2 import netns
 
-    from pvevmstate.conntrack import Conntrack
+    from pvevmstate.netlink.conntrack import Conntrack
 
     netns.pushns(ns.name)
     try:

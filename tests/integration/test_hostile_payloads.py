@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pvevmstate import vmstate
-from pvevmstate.conntrack import Conntrack
+from pvevmstate.netlink.conntrack import Conntrack
 from pvevmstate.payload import MAX_PAYLOAD, compact
 from pvevmstate.payload.savetext import parse_line
 from tests.support import Netns, example_lines, realistic_lines

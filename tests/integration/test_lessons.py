@@ -1,4 +1,4 @@
-"""PROTOCOL.md §3, what went wrong in the Perl helper: each lesson is a test.
+"""What went wrong in qemu-server's Perl helper in its first months: each lesson is a test.
 
 Lesson -> where it is reproduced with real components:
 

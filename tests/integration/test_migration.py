@@ -175,7 +175,7 @@ def test_failed_migration_after_save_leaves_no_object_on_the_source(nodes: Any, 
 
 def test_left_over_object_then_a_migration_without_helpers(nodes: Any, tmp_path: Path, qemu_factory: Factory,
                                                            helper_factory: Factory) -> None:
-    # PROTOCOL.md §3: a left-over object from an earlier failed run, then a
+    # Seen with the Perl helper: a left-over object from an earlier failed run, then a
     # migration without conntrack state: the source sends the section, the
     # destination has no object for it and exits. First the crash, for real.
     source, _target = nodes

@@ -151,7 +151,8 @@ def arrived(target: Node) -> list[str]:
 @pytest.mark.parametrize("n", [800, 6000])
 def test_perl_source_to_our_destination(n: int, rig: Rig) -> None:
     source, target = rig.node("source", PERL_POLICY), rig.node("target")
-    # The Perl helper's own bug (PROTOCOL.md §4): in ~5 % of 6,000-entry tables
+    # The Perl helper's own bug (its size check ignores the appended mark): in
+    # ~5 % of 6,000-entry tables
     # its payload ends a few bytes over 1 MiB and the destination QEMU exits,
     # whichever helper runs there. Not what this test is about: such a table
     # (the dump order differs from namespace to namespace) is replaced by

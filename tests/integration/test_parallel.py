@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from pvevmstate.dbus_api import VMSTATE_PATH, VMState1Interface, VMStateHelperInterface
+from pvevmstate.dbus.api import VMSTATE_PATH, VMState1Interface, VMStateHelperInterface
 from tests import client
 from tests.support import REPO, Helper, require, save_lines, synthetic_lines, wait_until
 

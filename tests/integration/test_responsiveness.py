@@ -7,7 +7,7 @@ import asyncio
 import time
 from typing import Any
 
-from pvevmstate.dbus_api import VMSTATE_PATH, VMState1Interface
+from pvevmstate.dbus.api import VMSTATE_PATH, VMState1Interface
 from tests import client
 from tests.support import realistic_lines
 

@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from pvevmstate.conntrack import Conntrack
-from pvevmstate.entry import IPS_ASSURED, IPS_SEEN_REPLY, PROTO_TCP, PROTO_UDP, Entry
+from pvevmstate.model import IPS_ASSURED, IPS_SEEN_REPLY, PROTO_TCP, PROTO_UDP, Entry
+from pvevmstate.netlink.conntrack import Conntrack
 from pvevmstate.payload import compact
 from pvevmstate.vmstate import DEFAULT_TABLE_RESERVE, load_ceiling
 from tests import client

@@ -13,7 +13,7 @@ import subprocess
 import sys
 from typing import Any
 
-from pvevmstate.entry import (
+from pvevmstate.model import (
     AF_INET,
     AF_INET6,
     IPS_ASSURED,

@@ -9,7 +9,8 @@ import logging
 import pytest
 
 from pvevmstate import __main__ as cli
-from pvevmstate import cleanup, logsetup
+from pvevmstate import logsetup
+from pvevmstate.qemu import cleanup
 
 
 @pytest.mark.parametrize("text", ["100", "101", "4711", "999999999"])

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from pvevmstate.entry import IPS_SRC_NAT_DONE, PROTO_DCCP, PROTO_ICMP, Entry
 from pvevmstate.errors import CodecError
+from pvevmstate.model import IPS_SRC_NAT_DONE, PROTO_DCCP, PROTO_ICMP, Entry
 from pvevmstate.payload import MAX_PAYLOAD
 from pvevmstate.payload import savetext as codec
 from tests.support import example_lines
@@ -42,7 +42,7 @@ def test_snat_line_sets_nat_status() -> None:
 
 
 def test_sctp_vtag_is_byte_swapped() -> None:
-    # SAVE_FORMAT.md §5.4: text 12345 is the be32 attribute value 0x39300000.
+    # conntrack(8) prints the vtag byte-swapped: text 12345 is the be32 attribute value 0x39300000.
     line = next(ln for ln in example_lines() if "--orig-vtag 12345" in ln)
     assert codec.parse_line(line).vtag_orig == 0x39300000
 

@@ -8,8 +8,8 @@ from collections.abc import Callable
 import pytest
 
 from pvevmstate import payload
-from pvevmstate.entry import Entry
 from pvevmstate.errors import CodecError
+from pvevmstate.model import Entry
 from pvevmstate.payload import hybrid, priority, savetext
 from tests.support import realistic_lines
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import socket
 
-from pvevmstate.entry import Entry
 from pvevmstate.memo import Memo
+from pvevmstate.model import Entry
 from pvevmstate.payload import savetext
 
 

@@ -9,8 +9,8 @@ import threading
 import pytest
 
 from pvevmstate import netlink
-from pvevmstate.entry import IPS_CONFIRMED, Entry
 from pvevmstate.errors import ConntrackError
+from pvevmstate.model import IPS_CONFIRMED, Entry
 from pvevmstate.netlink import codec as codec_module
 from pvevmstate.netlink.codec import _create_common
 from pvevmstate.payload import savetext as codec

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from pvevmstate import netlink
-from pvevmstate.entry import (
+from pvevmstate.model import (
     IPS_DST_NAT_DONE,
     IPS_SRC_NAT_DONE,
     PROTO_DCCP,
@@ -186,7 +186,7 @@ def _dump_in_namespace(lines: list[str], mark: int) -> list[bytes]:
 
     from pyroute2 import netns
 
-    from pvevmstate.conntrack import open_netlink_socket
+    from pvevmstate.netlink.conntrack import open_netlink_socket
     from tests.support import Netns
 
     name = "pvevmstate-golden-%d" % os.getpid()

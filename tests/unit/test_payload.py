@@ -11,7 +11,8 @@ from collections import Counter
 import pytest
 
 from pvevmstate import payload
-from pvevmstate.entry import (
+from pvevmstate.errors import CodecError
+from pvevmstate.model import (
     AF_INET,
     AF_INET6,
     IPS_ASSURED,
@@ -25,7 +26,6 @@ from pvevmstate.entry import (
     PROTO_UDP,
     Entry,
 )
-from pvevmstate.errors import CodecError
 from pvevmstate.payload import compact, priority
 from pvevmstate.payload import savetext as codec
 from tests.support import example_lines, realistic_lines

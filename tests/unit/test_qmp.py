@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 
 from pvevmstate.errors import QMPConnectError, QMPError, QMPExecuteError, QMPTimeoutError
-from pvevmstate.qemu import QemuObject, system_bus_address
-from pvevmstate.qmp import QMPClient
+from pvevmstate.qemu.qmp import QMPClient
+from pvevmstate.qemu.vmobject import QemuObject, system_bus_address
 
 GREETING = {"QMP": {"version": {"qemu": {"micro": 0, "minor": 2, "major": 7}}, "capabilities": ["oob"]}}
 Handler = Callable[[dict[str, Any]], Any]

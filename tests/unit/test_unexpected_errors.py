@@ -14,8 +14,8 @@ import pytest
 
 from pvevmstate import __main__ as cli
 from pvevmstate import daemon
-from pvevmstate.conntrack import Conntrack
 from pvevmstate.errors import ConntrackError
+from pvevmstate.netlink.conntrack import Conntrack
 
 
 @pytest.fixture(autouse=True)

@@ -15,10 +15,10 @@ import logging
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-from .errors import QMPError
+from ..errors import QMPError
 
 if TYPE_CHECKING:  # the daemon module pulls in sdbus; --cleanup's quick exit needs none of it
-    from .daemon import Settings
+    from ..daemon import Settings
 
 log = logging.getLogger(__name__)
 

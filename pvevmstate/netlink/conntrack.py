@@ -18,9 +18,9 @@ import socket
 
 from pyroute2 import NFCTSocket
 
-from . import netlink
-from .entry import CreateResult, Entry, TableStats
-from .errors import ConntrackError
+from .. import netlink
+from ..errors import ConntrackError
+from ..model import CreateResult, Entry, TableStats
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ NETLINK_CAP_ACK = 10
 # Requested buffer sizes; SO_*BUFFORCE needs CAP_NET_ADMIN, which the helper has.
 RCVBUF = 8 << 20
 SNDBUF = 4 << 20
-# Kernel cost of one queued error/ACK in the receive buffer (NETLINK.md: ~832).
+# Kernel cost of one queued error/ACK in the receive buffer (measured: ~832 bytes).
 ACK_COST = 1024
 # One sendmsg stays well under the send buffer (EMSGSIZE otherwise).
 MAX_SEND = 256 << 10

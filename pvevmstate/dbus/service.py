@@ -2,7 +2,9 @@
 
 This is the one place where errors meet the bus. Save and Load never send an
 error to QEMU, because a failed Save or Load makes the destination QEMU exit
-and the VM is lost (PROTOCOL.md §1): they log and degrade. Control members
+and the VM is lost (QEMU's dbus-vmstate treats an error, an empty array or more
+than 1 MiB from Save as a malformed section, and an error from Load fails the
+whole incoming migration): they log and degrade. Control members
 turn known errors into ``com.proxmox.VMStateHelper.Error.*`` replies and
 unknown ones into a generic error, with details only in the journal.
 """
@@ -17,16 +19,16 @@ from typing import Any, ParamSpec, Protocol, TypeVar, cast
 
 from sdbus import dbus_method_async_override, dbus_property_async_override
 
-from .dbus_api import (
+from ..errors import VMStateError
+from ..payload import NO_STATE
+from ..vmstate import VMState
+from .api import (
     HelperError,
     HelperInternalError,
     VMState1Interface,
     VMStateHelperInterface,
     helper_id,
 )
-from .errors import VMStateError
-from .payload import NO_STATE
-from .vmstate import VMState
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """The helper's QEMU object: add it, remove it, and follow the migration it serves.
 
 QEMU calls a helper only if its ``dbus-vmstate`` object names the helper's Id.
-Each operation opens its own short QMP session (see :mod:`pvevmstate.qmp`).
+Each operation opens its own short QMP session (see :mod:`pvevmstate.qemu.qmp`).
 The object must never outlive its helper: a QEMU that has the object sends a
 ``dbus-vmstate`` section, and a destination without the object (or without a
 helper) exits on it, taking the VM with it.
@@ -14,7 +14,7 @@ import logging
 import os
 from collections.abc import Awaitable, Callable, Mapping
 
-from .errors import QMPExecuteError
+from ..errors import QMPExecuteError
 from .qmp import QMPClient
 
 log = logging.getLogger(__name__)

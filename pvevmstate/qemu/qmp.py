@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from types import TracebackType
 from typing import Any
 
-from .errors import QMPConnectError, QMPError, QMPExecuteError, QMPTimeoutError
+from ..errors import QMPConnectError, QMPError, QMPExecuteError, QMPTimeoutError
 
 log = logging.getLogger(__name__)
 
