@@ -25,6 +25,16 @@ __all__ = ["helper_factory", "netns_factory", "node_factory", "nodes", "perl_hel
            "system_bus"]
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark tests by what they use, so ``-m "not netns"`` runs without root."""
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if fixtures & {"netns_factory", "node_factory", "nodes", "rig"}:
+            item.add_marker(pytest.mark.netns)
+        if fixtures & {"system_bus", "helper_factory", "node_factory", "nodes", "rig", "_bus"}:
+            item.add_marker(pytest.mark.bus)
+
+
 @pytest.fixture(scope="session")
 def system_bus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateBus]:
     """A private dbus-daemon of type system; DBUS_SYSTEM_BUS_ADDRESS points at it."""

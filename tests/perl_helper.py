@@ -17,12 +17,12 @@ import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Protocol
 
 import pytest
 
 from tests import client
-from tests.support import REPO, Netns, PrivateBus, Qemu, require, wait_until
+from tests.support import REPO, Netns, PrivateBus, Qemu, QemuFactory, require, wait_until
 
 PERL_HELPER = REPO / "tests" / "data" / "perl-helper.pl"
 QEMU_SERVER_STOP = REPO / "tests" / "data" / "qemu-server-stop.pl"
@@ -98,8 +98,17 @@ class PerlHelper:
                 self.proc.wait()
 
 
+
+class PerlHelperFactory(Protocol):
+    """``perl_helper_factory(ns, vmid, bus=..., qemu=...)``: the Perl stand-in, stopped after the test."""
+
+    def __call__(self, ns: Netns, vmid: int, *, bus: PrivateBus | None = None, qemu: Qemu | None = None,
+                 ready: bool = True) -> PerlHelper: ...
+
+
 @pytest.fixture
-def perl_helper_factory(tmp_path: Path, system_bus: PrivateBus, qemu_factory: Any) -> Iterator[object]:
+def perl_helper_factory(tmp_path: Path, system_bus: PrivateBus,
+                        qemu_factory: QemuFactory) -> Iterator[PerlHelperFactory]:
     """Start stand-ins: ``start(ns, vmid, bus=..., qemu=...)``; each is stopped by its PID at the end."""
     require_perl()
     started: list[PerlHelper] = []

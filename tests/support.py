@@ -21,13 +21,15 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "tests" / "data" / "examples.save"
 _counter = itertools.count()
+#: qemu-server's way of stopping a VM's helper, in Perl with Net::DBus (see the file).
+PERL_CALLER = REPO / "tests" / "data" / "qemu-server-stop.pl"
 
 
 def require(condition: bool, why: str) -> None:
@@ -199,7 +201,7 @@ class Netns:
 
 
 @pytest.fixture
-def netns_factory() -> Iterator[object]:
+def netns_factory() -> Iterator[NetnsFactory]:
     from pyroute2 import netns
 
     require_root()
@@ -345,7 +347,7 @@ def start_qemu(directory: Path, name: str, *, machine: str = "none", incoming: s
 
 
 @pytest.fixture
-def qemu_factory(tmp_path: Path) -> Iterator[object]:
+def qemu_factory(tmp_path: Path) -> Iterator[QemuFactory]:
     """Start QEMUs for a test; all are killed by PID afterwards."""
     started: list[Qemu] = []
 
@@ -410,7 +412,7 @@ def helper_command(ns: Netns | None, vmid: str, *args: str) -> list[str]:
 
 
 @pytest.fixture
-def helper_factory(tmp_path: Path, system_bus: PrivateBus, qemu_factory: Any) -> Iterator[object]:
+def helper_factory(tmp_path: Path, system_bus: PrivateBus, qemu_factory: QemuFactory) -> Iterator[HelperFactory]:
     """Start helpers; each registers with ``qemu`` or, by default, a QEMU of its own."""
     started: list[Helper] = []
 
@@ -462,8 +464,36 @@ class Node:
     ns: Netns
 
 
+# ------------------------------------------------------------------ fixture types
+
+
+class NetnsFactory(Protocol):
+    """``netns_factory()``: a fresh namespace, removed after the test."""
+
+    def __call__(self) -> Netns: ...
+
+
+class QemuFactory(Protocol):
+    """``qemu_factory(name, **start_qemu options)``: a QEMU, killed after the test."""
+
+    def __call__(self, name: str, **kwargs: Any) -> Qemu: ...
+
+
+class HelperFactory(Protocol):
+    """``helper_factory(ns, vmid, *options)``: this helper, started as systemd would."""
+
+    def __call__(self, ns: Netns, vmid: int, *args: str, ready: bool = True, bus: PrivateBus | None = None,
+                 qemu: Qemu | None = None) -> Helper: ...
+
+
+class NodeFactory(Protocol):
+    """``node_factory(name, policy)``: a host: its policy bus and its namespace."""
+
+    def __call__(self, name: str, policy: Path = ...) -> Node: ...
+
+
 @pytest.fixture
-def node_factory(tmp_path: Path, netns_factory: Any) -> Iterator[object]:
+def node_factory(tmp_path: Path, netns_factory: NetnsFactory) -> Iterator[NodeFactory]:
     """Nodes: ``make(name, policy=POLICY)``, a policy bus with that policy file and a namespace each."""
     made: list[PrivateBus] = []
 
@@ -480,12 +510,12 @@ def node_factory(tmp_path: Path, netns_factory: Any) -> Iterator[object]:
 
 
 @pytest.fixture
-def nodes(node_factory: Any) -> tuple[Node, Node]:
+def nodes(node_factory: NodeFactory) -> tuple[Node, Node]:
     """Two nodes running this helper, "source" and "target"."""
     return node_factory("source"), node_factory("target")
 
 
-def migration_qemus(vmid: int, tmp_path: Path, qemu_factory: Any) -> tuple[Qemu, Qemu, str]:
+def migration_qemus(vmid: int, tmp_path: Path, qemu_factory: QemuFactory) -> tuple[Qemu, Qemu, str]:
     """A running source QEMU and a destination QEMU waiting in ``-incoming`` on a unix socket."""
     uri = "unix:%s" % (tmp_path / ("migrate-%d.sock" % vmid))
     src_qemu = qemu_factory("src%d" % vmid, machine="pc")

@@ -12,13 +12,11 @@ import os
 import subprocess
 import threading
 from pathlib import Path
-from typing import Any
 
 from pvevmstate.dbus.api import VMSTATE_NAME
 from tests import client
-from tests.support import realistic_lines, save_lines, start_bus
+from tests.support import HelperFactory, NetnsFactory, QemuFactory, realistic_lines, save_lines, start_bus
 
-Factory = Any
 CYCLES = int(os.environ.get("ENDURANCE_CYCLES", "500"))
 LANES = (100, 101, 102, 103)
 #: Descriptors may wobble by a few (the bus's own housekeeping), never grow with the cycles.
@@ -52,8 +50,8 @@ def _netns() -> set[str]:
     return {name for name in listed if name.startswith(mine)}
 
 
-def test_start_save_exit_cycles_leave_nothing(netns_factory: Factory, helper_factory: Factory,
-                                              qemu_factory: Factory, tmp_path: Path) -> None:
+def test_start_save_exit_cycles_leave_nothing(netns_factory: NetnsFactory, helper_factory: HelperFactory,
+                                              qemu_factory: QemuFactory, tmp_path: Path) -> None:
     bus = start_bus(tmp_path / "endurance-bus")
     try:
         ns = netns_factory()

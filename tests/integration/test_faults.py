@@ -23,10 +23,18 @@ from pvevmstate.netlink import conntrack as conntrack_mod
 from pvevmstate.netlink.conntrack import Conntrack, open_netlink_socket
 from pvevmstate.payload import NO_STATE
 from tests import client
-from tests.support import realistic_lines, save_lines, start_bus, synthetic_lines, wait_until
+from tests.support import (
+    HelperFactory,
+    NetnsFactory,
+    QemuFactory,
+    realistic_lines,
+    save_lines,
+    start_bus,
+    synthetic_lines,
+    wait_until,
+)
 
 VMID = 100
-Factory = Any
 
 
 def _no_trace(qemu: Any) -> None:
@@ -38,8 +46,8 @@ def _no_trace(qemu: Any) -> None:
 
 # ------------------------------------------------------- QEMU and the bus
 
-def test_qemu_killed_while_the_helper_runs(netns_factory: Factory, helper_factory: Factory,
-                                          qemu_factory: Factory) -> None:
+def test_qemu_killed_while_the_helper_runs(netns_factory: NetnsFactory, helper_factory: HelperFactory,
+                                          qemu_factory: QemuFactory) -> None:
     ns, qemu = netns_factory(), qemu_factory("vm")
     ns.load(synthetic_lines(30, seed=4), mark=VMID)
     helper = helper_factory(ns, VMID, qemu=qemu)
@@ -53,8 +61,8 @@ def test_qemu_killed_while_the_helper_runs(netns_factory: Factory, helper_factor
     _no_trace(None)
 
 
-def test_qmp_socket_removed_while_the_helper_runs(netns_factory: Factory, helper_factory: Factory,
-                                                 qemu_factory: Factory) -> None:
+def test_qmp_socket_removed_while_the_helper_runs(netns_factory: NetnsFactory, helper_factory: HelperFactory,
+                                                 qemu_factory: QemuFactory) -> None:
     qemu = qemu_factory("vm")
     helper = helper_factory(netns_factory(), VMID, qemu=qemu)
     os.unlink(qemu.qmp_path)
@@ -66,8 +74,8 @@ def test_qmp_socket_removed_while_the_helper_runs(netns_factory: Factory, helper
     _no_trace(None)
 
 
-def test_bus_killed_exits_1_and_still_removes_the_object(netns_factory: Factory, helper_factory: Factory,
-                                                         qemu_factory: Factory, tmp_path: Any) -> None:
+def test_bus_killed_exits_1_and_still_removes_the_object(netns_factory: NetnsFactory, helper_factory: HelperFactory,
+                                                         qemu_factory: QemuFactory, tmp_path: Any) -> None:
     bus, qemu = start_bus(tmp_path / "doomed-bus"), qemu_factory("vm")
     try:
         helper = helper_factory(netns_factory(), VMID, bus=bus, qemu=qemu)
@@ -113,7 +121,7 @@ class FaultySocket:
 
 
 @pytest.mark.parametrize("fault", ["intr", "enobufs"])
-def test_interrupted_or_overrun_dump_is_restarted(netns_factory: Factory, fault: str,
+def test_interrupted_or_overrun_dump_is_restarted(netns_factory: NetnsFactory, fault: str,
                                                   caplog: pytest.LogCaptureFixture,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     from pyroute2 import netns
@@ -123,7 +131,7 @@ def test_interrupted_or_overrun_dump_is_restarted(netns_factory: Factory, fault:
     netns.pushns(ns.name)
     try:
         faulty = FaultySocket(fault)
-        table = Conntrack(faulty)  # type: ignore[arg-type]
+        table = Conntrack(faulty)  # type: ignore[arg-type]  # a stand-in with the socket methods Conntrack uses
         # The restart's fresh socket must also be opened inside the namespace.
         real_open = conntrack_mod.open_netlink_socket
 
@@ -145,7 +153,7 @@ def test_interrupted_or_overrun_dump_is_restarted(netns_factory: Factory, fault:
     assert any(reason in r.getMessage() and "restarting (attempt 1 of" in r.getMessage() for r in caplog.records)
 
 
-def test_dump_that_keeps_failing_gives_up_and_save_degrades(netns_factory: Factory,
+def test_dump_that_keeps_failing_gives_up_and_save_degrades(netns_factory: NetnsFactory,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     from pyroute2 import netns
     ns = netns_factory()
@@ -154,7 +162,7 @@ def test_dump_that_keeps_failing_gives_up_and_save_degrades(netns_factory: Facto
     def always_faulty() -> socket.socket:
         netns.pushns(ns.name)
         try:
-            return FaultySocket("enobufs")  # type: ignore[return-value]
+            return FaultySocket("enobufs")  # type: ignore[return-value]  # stands in for the socket, as above
         finally:
             netns.popns()
     monkeypatch.setattr(conntrack_mod, "open_netlink_socket", always_faulty)
@@ -164,7 +172,8 @@ def test_dump_that_keeps_failing_gives_up_and_save_degrades(netns_factory: Facto
     table.close()
 
 
-def test_full_table_on_load_creates_nothing_and_answers(netns_factory: Factory, helper_factory: Factory) -> None:
+def test_full_table_on_load_creates_nothing_and_answers(netns_factory: NetnsFactory,
+                                                        helper_factory: HelperFactory) -> None:
     ns = netns_factory()
     # The limit is global (a namespace cannot lower it), the count per namespace.
     # The kernel's default is 262,144 on any machine over 4 GiB: ~4 s to fill.
@@ -205,7 +214,7 @@ def _proxy(bus: Any) -> Any:
     return VMState1Interface.new_proxy(client.vm(VMID), VMSTATE_PATH, bus)
 
 
-def test_save_twice_at_once_then_load_on_the_source(netns_factory: Factory, helper_factory: Factory) -> None:
+def test_save_twice_at_once_then_load_on_the_source(netns_factory: NetnsFactory, helper_factory: HelperFactory) -> None:
     ns = netns_factory()
     lines = synthetic_lines(200, seed=11)
     ns.load(lines, mark=VMID)
@@ -232,7 +241,7 @@ def test_save_twice_at_once_then_load_on_the_source(netns_factory: Factory, help
     _no_trace(helper.qemu)
 
 
-def test_load_twice_at_once_creates_each_entry_once(netns_factory: Factory, helper_factory: Factory) -> None:
+def test_load_twice_at_once_creates_each_entry_once(netns_factory: NetnsFactory, helper_factory: HelperFactory) -> None:
     src, dst = netns_factory(), netns_factory()
     src.load(synthetic_lines(300, seed=12), mark=VMID)
     saver = helper_factory(src, VMID)
@@ -255,7 +264,7 @@ def test_load_twice_at_once_creates_each_entry_once(netns_factory: Factory, help
     _no_trace(loader.qemu)
 
 
-def test_load_of_nothing_before_any_save(netns_factory: Factory, helper_factory: Factory) -> None:
+def test_load_of_nothing_before_any_save(netns_factory: NetnsFactory, helper_factory: HelperFactory) -> None:
     ns = netns_factory()
     helper = helper_factory(ns, VMID, "--linger", "0.5")
     client.load(client.vm(VMID), NO_STATE)
@@ -264,7 +273,7 @@ def test_load_of_nothing_before_any_save(netns_factory: Factory, helper_factory:
     _no_trace(helper.qemu)
 
 
-def test_sigterm_during_a_save_still_answers_it(netns_factory: Factory, helper_factory: Factory) -> None:
+def test_sigterm_during_a_save_still_answers_it(netns_factory: NetnsFactory, helper_factory: HelperFactory) -> None:
     ns = netns_factory()
     ns.load(realistic_lines(50_000, seed=13, min_timeout=900), mark=VMID)
     helper = helper_factory(ns, VMID)

@@ -17,6 +17,8 @@ from pvevmstate.payload import MAX_PAYLOAD
 from tests import client
 from tests.support import (
     REPO,
+    HelperFactory,
+    NetnsFactory,
     PrivateBus,
     example_lines,
     helper_command,
@@ -30,10 +32,9 @@ from tests.support import (
 )
 
 VMID = 100
-Factory = Any
 
 
-def test_save_equals_conntrack_save_plus_mark(netns_factory: Factory, helper_factory: Factory) -> None:
+def test_save_equals_conntrack_save_plus_mark(netns_factory: NetnsFactory, helper_factory: HelperFactory) -> None:
     ns = netns_factory()
     ns.load(example_lines(), mark=VMID)
     ns.load(synthetic_lines(50, seed=2), mark=200)
@@ -53,7 +54,7 @@ def test_save_equals_conntrack_save_plus_mark(netns_factory: Factory, helper_fac
     assert "Save: 38 entries with mark 100, sent 38" in helper.journal()
 
 
-def test_save_flush_load_restores_entries(netns_factory: Factory, helper_factory: Factory) -> None:
+def test_save_flush_load_restores_entries(netns_factory: NetnsFactory, helper_factory: HelperFactory) -> None:
     ns = netns_factory()
     ns.load(example_lines(), mark=VMID)
     ns.load(synthetic_lines(300, seed=4), mark=VMID)
@@ -80,7 +81,8 @@ def test_save_flush_load_restores_entries(netns_factory: Factory, helper_factory
     assert "created 338 entries with mark 100, refused 0, failed 0" in dst.journal()
 
 
-def test_load_into_another_namespace_like_a_migration(netns_factory: Factory, helper_factory: Factory) -> None:
+def test_load_into_another_namespace_like_a_migration(netns_factory: NetnsFactory,
+                                                      helper_factory: HelperFactory) -> None:
     source, target = netns_factory(), netns_factory()
     source.load(synthetic_lines(200, seed=6, v6_share=0.3), mark=VMID)
     target.load(synthetic_lines(30, seed=7, base=50000), mark=555)
@@ -98,7 +100,7 @@ def test_load_into_another_namespace_like_a_migration(netns_factory: Factory, he
     assert sorted(map(strip_timeout, target.save_lines(555))) == target_other
 
 
-def test_perl_helper_payload_loads(netns_factory: Factory, helper_factory: Factory) -> None:
+def test_perl_helper_payload_loads(netns_factory: NetnsFactory, helper_factory: HelperFactory) -> None:
     # What the Perl helper sends: conntrack -L --mark VMID -o save, " --mark VMID" appended.
     source, target = netns_factory(), netns_factory()
     source.load(example_lines(), mark=VMID)
@@ -113,7 +115,7 @@ def test_perl_helper_payload_loads(netns_factory: Factory, helper_factory: Facto
 
 
 @pytest.mark.parametrize("nothing", [b"\x00", b"", b"\n"])
-def test_perl_nothing_payload(netns_factory: Factory, helper_factory: Factory, nothing: bytes) -> None:
+def test_perl_nothing_payload(netns_factory: NetnsFactory, helper_factory: HelperFactory, nothing: bytes) -> None:
     ns = netns_factory()
     helper_factory(ns, VMID)
     client.load(client.vm(VMID), nothing)
@@ -121,7 +123,8 @@ def test_perl_nothing_payload(netns_factory: Factory, helper_factory: Factory, n
     assert client.count(client.vm(VMID)) == 0
 
 
-def test_hostile_lines_are_refused_and_touch_nothing_else(netns_factory: Factory, helper_factory: Factory) -> None:
+def test_hostile_lines_are_refused_and_touch_nothing_else(netns_factory: NetnsFactory,
+                                                          helper_factory: HelperFactory) -> None:
     ns = netns_factory()
     victims = synthetic_lines(20, seed=8)
     ns.load(victims, mark=200)
@@ -159,7 +162,7 @@ def test_hostile_lines_are_refused_and_touch_nothing_else(netns_factory: Factory
     assert "created 1 entries" in journal
 
 
-def test_empty_table_gives_one_byte(netns_factory: Factory, helper_factory: Factory) -> None:
+def test_empty_table_gives_one_byte(netns_factory: NetnsFactory, helper_factory: HelperFactory) -> None:
     ns = netns_factory()
     ns.load(synthetic_lines(10), mark=200)
     helper_factory(ns, VMID)
@@ -167,7 +170,7 @@ def test_empty_table_gives_one_byte(netns_factory: Factory, helper_factory: Fact
     assert client.count(client.vm(VMID)) == 0
 
 
-def test_text_format_over_one_mib_is_capped(netns_factory: Factory, helper_factory: Factory) -> None:
+def test_text_format_over_one_mib_is_capped(netns_factory: NetnsFactory, helper_factory: HelperFactory) -> None:
     # --format text: what the Perl helper can read, so at most ~5,000 entries.
     ns = netns_factory()
     lines = synthetic_lines(8000, seed=10, v6_share=0.6)
@@ -181,7 +184,8 @@ def test_text_format_over_one_mib_is_capped(netns_factory: Factory, helper_facto
     assert "Save: left out by class: " in helper.journal()
 
 
-def test_auto_format_carries_everything_in_its_compact_section(netns_factory: Factory, helper_factory: Factory) -> None:
+def test_auto_format_carries_everything_in_its_compact_section(netns_factory: NetnsFactory,
+                                                               helper_factory: HelperFactory) -> None:
     ns, target = netns_factory(), netns_factory()
     ns.load(realistic_lines(20_000, seed=11, min_timeout=900), mark=VMID)
     ns.load(synthetic_lines(300, seed=12), mark=200)
@@ -198,7 +202,7 @@ def test_auto_format_carries_everything_in_its_compact_section(netns_factory: Fa
     assert "created 20000 entries" in dst.journal()
 
 
-def test_quit_ends_the_helper_and_releases_names(netns_factory: Factory, helper_factory: Factory) -> None:
+def test_quit_ends_the_helper_and_releases_names(netns_factory: NetnsFactory, helper_factory: HelperFactory) -> None:
     helper = helper_factory(netns_factory(), VMID)
     unique = client.owner(client.vm(VMID))
     assert unique in client.queued_owners()
@@ -210,7 +214,7 @@ def test_quit_ends_the_helper_and_releases_names(netns_factory: Factory, helper_
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_signal_ends_the_helper(netns_factory: Factory, helper_factory: Factory, sig: int) -> None:
+def test_signal_ends_the_helper(netns_factory: NetnsFactory, helper_factory: HelperFactory, sig: int) -> None:
     helper = helper_factory(netns_factory(), VMID)
     helper.signal(sig)
     assert helper.wait_exit() == 0
@@ -218,14 +222,14 @@ def test_signal_ends_the_helper(netns_factory: Factory, helper_factory: Factory,
     assert "exiting: %s" % signal.Signals(sig).name in helper.journal()
 
 
-def test_exits_by_itself_after_work_and_linger(netns_factory: Factory, helper_factory: Factory) -> None:
+def test_exits_by_itself_after_work_and_linger(netns_factory: NetnsFactory, helper_factory: HelperFactory) -> None:
     helper = helper_factory(netns_factory(), VMID, "--linger", "0.5")
     client.save(client.vm(VMID))
     assert helper.wait_exit(10) == 0
     assert "exiting: work done" in helper.journal()
 
 
-def test_second_helper_replaces_the_first(netns_factory: Factory, helper_factory: Factory) -> None:
+def test_second_helper_replaces_the_first(netns_factory: NetnsFactory, helper_factory: HelperFactory) -> None:
     ns = netns_factory()
     first = helper_factory(ns, VMID)
     first_unique = client.owner(client.vm(VMID))
@@ -240,7 +244,8 @@ def test_second_helper_replaces_the_first(netns_factory: Factory, helper_factory
     assert "replacing the stale helper %s" % first_unique in second.journal()
 
 
-def test_helpers_of_two_vms_queue_and_keep_to_their_entries(netns_factory: Factory, helper_factory: Factory) -> None:
+def test_helpers_of_two_vms_queue_and_keep_to_their_entries(netns_factory: NetnsFactory,
+                                                            helper_factory: HelperFactory) -> None:
     ns = netns_factory()
     ns.load(synthetic_lines(40, seed=11), mark=100)
     ns.load(synthetic_lines(60, seed=12, base=20000), mark=101)
@@ -264,7 +269,7 @@ def test_bad_vmid_exits_2_with_one_line(bad: str, tmp_path: Any) -> None:
     assert len(err) == 1 and err[0].startswith("<3>pve-dbus-vmstate: ")
 
 
-def test_no_bus_exits_1(netns_factory: Factory, tmp_path: Any) -> None:
+def test_no_bus_exits_1(netns_factory: NetnsFactory, tmp_path: Any) -> None:
     ns = netns_factory()
     env = dict(os.environ, PYTHONPATH=str(REPO), DBUS_SYSTEM_BUS_ADDRESS="unix:path=%s/none" % tmp_path)
     proc = subprocess.run(helper_command(ns, "100"), env=env, capture_output=True, timeout=30, check=False)
@@ -272,7 +277,7 @@ def test_no_bus_exits_1(netns_factory: Factory, tmp_path: Any) -> None:
     assert "<3>cannot connect to the system bus" in proc.stderr.decode()
 
 
-def test_vmstate_queue_is_what_qemu_sees(netns_factory: Factory, helper_factory: Factory,
+def test_vmstate_queue_is_what_qemu_sees(netns_factory: NetnsFactory, helper_factory: HelperFactory,
                                          system_bus: PrivateBus) -> None:
     # QEMU walks ListQueuedOwners(org.qemu.VMState1) and reads Id from each owner.
     ns = netns_factory()
@@ -283,7 +288,7 @@ def test_vmstate_queue_is_what_qemu_sees(netns_factory: Factory, helper_factory:
     assert VMSTATE_NAME == "org.qemu.VMState1"
 
 
-def test_lost_bus_ends_the_helper_with_an_error(netns_factory: Factory, helper_factory: Factory,
+def test_lost_bus_ends_the_helper_with_an_error(netns_factory: NetnsFactory, helper_factory: HelperFactory,
                                                 tmp_path: Any) -> None:
     bus = start_bus(tmp_path / "doomed-bus")
     try:
@@ -296,7 +301,7 @@ def test_lost_bus_ends_the_helper_with_an_error(netns_factory: Factory, helper_f
         bus.stop()
 
 
-def test_introspection_shows_both_interfaces(netns_factory: Factory, helper_factory: Factory) -> None:
+def test_introspection_shows_both_interfaces(netns_factory: NetnsFactory, helper_factory: HelperFactory) -> None:
     helper_factory(netns_factory(), VMID)
     out = subprocess.run(["busctl", "--system", "introspect", client.vm(VMID), "/org/qemu/VMState1"],
                          capture_output=True, check=True, timeout=30).stdout.decode()
@@ -322,7 +327,7 @@ def kernel_entries(ns: Any, mark: int) -> list[Any]:
         table.close()
 
 
-def test_compact_keeps_what_the_text_drops(netns_factory: Factory, helper_factory: Factory) -> None:
+def test_compact_keeps_what_the_text_drops(netns_factory: NetnsFactory, helper_factory: HelperFactory) -> None:
     # A port-only source NAT (the save text shows the port but not the NAT)
     # and the kernel's TCP window scale and flags.
     source, target, via_text = netns_factory(), netns_factory(), netns_factory()

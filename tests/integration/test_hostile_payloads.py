@@ -17,7 +17,6 @@ import struct
 import time
 import zlib
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -27,7 +26,7 @@ from pvevmstate import vmstate
 from pvevmstate.netlink.conntrack import Conntrack
 from pvevmstate.payload import MAX_PAYLOAD, compact
 from pvevmstate.payload.savetext import parse_line
-from tests.support import Netns, example_lines, realistic_lines
+from tests.support import Netns, NetnsFactory, example_lines, realistic_lines
 
 VMID = 100
 FOREIGN_MARKS = (0, 101, 200)
@@ -35,7 +34,6 @@ FOREIGN_MARKS = (0, 101, 200)
 MAX_LOAD_SECONDS = 5.0
 #: The fuzz run's size; CI runs at least 100,000.
 FUZZ_PAYLOADS = int(os.environ.get("FUZZ_PAYLOADS", "100000"))
-Factory = Any
 
 
 class Table:
@@ -85,7 +83,7 @@ class Table:
 
 
 @pytest.fixture
-def table(netns_factory: Factory) -> Iterator[Table]:
+def table(netns_factory: NetnsFactory) -> Iterator[Table]:
     # Thousands of refusals would otherwise fill the captured log.
     logger = logging.getLogger("pvevmstate")
     level = logger.level

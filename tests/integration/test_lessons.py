@@ -32,17 +32,22 @@ Lesson -> where it is reproduced with real components:
 from __future__ import annotations
 
 import subprocess
-from typing import Any
 
 from tests import client
-from tests.integration.test_parallel import PERL_CALLER
-from tests.support import require, save_lines, strip_timeout, synthetic_lines
+from tests.support import (
+    PERL_CALLER,
+    HelperFactory,
+    NetnsFactory,
+    QemuFactory,
+    require,
+    save_lines,
+    strip_timeout,
+    synthetic_lines,
+)
 
-Factory = Any
 
-
-def test_stopping_one_vm_leaves_the_other_vms_object(netns_factory: Factory, helper_factory: Factory,
-                                                     qemu_factory: Factory) -> None:
+def test_stopping_one_vm_leaves_the_other_vms_object(netns_factory: NetnsFactory, helper_factory: HelperFactory,
+                                                     qemu_factory: QemuFactory) -> None:
     require(subprocess.run(["perl", "-MNet::DBus", "-e", "1"], check=False, capture_output=True).returncode == 0,
             "needs Perl's Net::DBus (Debian: libnet-dbus-perl)")
     ns = netns_factory()
@@ -58,7 +63,7 @@ def test_stopping_one_vm_leaves_the_other_vms_object(netns_factory: Factory, hel
     assert helpers[100].proc.poll() is None
 
 
-def test_count_is_the_whole_number(netns_factory: Factory, helper_factory: Factory) -> None:
+def test_count_is_the_whole_number(netns_factory: NetnsFactory, helper_factory: HelperFactory) -> None:
     ns = netns_factory()
     ns.load(synthetic_lines(1234, seed=31), mark=100)
     helper_factory(ns, 100)
@@ -66,7 +71,7 @@ def test_count_is_the_whole_number(netns_factory: Factory, helper_factory: Facto
     assert client.count(client.vm(100)) == 1234
 
 
-def test_one_refused_line_costs_only_itself(netns_factory: Factory, helper_factory: Factory) -> None:
+def test_one_refused_line_costs_only_itself(netns_factory: NetnsFactory, helper_factory: HelperFactory) -> None:
     dst = netns_factory()
     lines = synthetic_lines(100, seed=32)
     # On the destination, entry 50 exists already (assured) under the VM's mark.

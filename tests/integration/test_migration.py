@@ -22,8 +22,10 @@ from tests import client
 from tests.support import (
     MIGRATION_TIMEOUT,
     Helper,
+    HelperFactory,
     Node,
     Qemu,
+    QemuFactory,
     marked,
     migration_qemus,
     run_cleanup,
@@ -32,8 +34,6 @@ from tests.support import (
     wait_migration,
     wait_until,
 )
-
-Factory = Any
 
 
 @dataclass
@@ -46,8 +46,8 @@ class Migration:
     uri: str
 
 
-def prepare(vmid: int, nodes: tuple[Node, Node], tmp_path: Path, qemu_factory: Factory,
-            helper_factory: Factory) -> Migration:
+def prepare(vmid: int, nodes: tuple[Node, Node], tmp_path: Path, qemu_factory: QemuFactory,
+            helper_factory: HelperFactory) -> Migration:
     """Start both QEMUs and both helpers, as qemu-server does before ``migrate``."""
     source, target = nodes
     src_qemu, dst_qemu, uri = migration_qemus(vmid, tmp_path, qemu_factory)
@@ -82,8 +82,8 @@ def finish(m: Migration, source: Node, target: Node) -> tuple[int, int]:
     return counts
 
 
-def test_migration_carries_exactly_the_vms_entries(nodes: Any, tmp_path: Path, qemu_factory: Factory,
-                                                   helper_factory: Factory) -> None:
+def test_migration_carries_exactly_the_vms_entries(nodes: Any, tmp_path: Path, qemu_factory: QemuFactory,
+                                                   helper_factory: HelperFactory) -> None:
     source, target = nodes
     source.ns.load(synthetic_lines(400, seed=21), mark=100)
     source.ns.load(synthetic_lines(150, seed=22, base=30000), mark=200)
@@ -100,8 +100,8 @@ def test_migration_carries_exactly_the_vms_entries(nodes: Any, tmp_path: Path, q
     assert "created 400 entries with mark 100" in m.dst.journal()
 
 
-def test_empty_table_migrates_with_one_byte(nodes: Any, tmp_path: Path, qemu_factory: Factory,
-                                            helper_factory: Factory) -> None:
+def test_empty_table_migrates_with_one_byte(nodes: Any, tmp_path: Path, qemu_factory: QemuFactory,
+                                            helper_factory: HelperFactory) -> None:
     source, target = nodes
     source.ns.load(synthetic_lines(20, seed=24), mark=200)
     m = prepare(100, nodes, tmp_path, qemu_factory, helper_factory)
@@ -112,8 +112,8 @@ def test_empty_table_migrates_with_one_byte(nodes: Any, tmp_path: Path, qemu_fac
     assert target.ns.save_lines() == []
 
 
-def test_table_over_one_mib_migrates(nodes: Any, tmp_path: Path, qemu_factory: Factory,
-                                     helper_factory: Factory) -> None:
+def test_table_over_one_mib_migrates(nodes: Any, tmp_path: Path, qemu_factory: QemuFactory,
+                                     helper_factory: HelperFactory) -> None:
     # 9,000 entries are ~1.7 MiB as text: the default format sends them compact, all of them.
     source, target = nodes
     source.ns.load(synthetic_lines(9000, seed=25), mark=100)
@@ -126,8 +126,8 @@ def test_table_over_one_mib_migrates(nodes: Any, tmp_path: Path, qemu_factory: F
     assert "as hybrid (limit %d), left out 0" % MAX_PAYLOAD in m.src.journal()
 
 
-def test_two_vms_migrate_at_once_over_the_same_buses(nodes: Any, tmp_path: Path, qemu_factory: Factory,
-                                                     helper_factory: Factory) -> None:
+def test_two_vms_migrate_at_once_over_the_same_buses(nodes: Any, tmp_path: Path, qemu_factory: QemuFactory,
+                                                     helper_factory: HelperFactory) -> None:
     source, target = nodes
     source.ns.load(synthetic_lines(300, seed=26), mark=100)
     source.ns.load(synthetic_lines(200, seed=27, base=30000), mark=101)
@@ -144,8 +144,8 @@ def test_two_vms_migrate_at_once_over_the_same_buses(nodes: Any, tmp_path: Path,
 
 
 def test_failed_migration_after_save_leaves_no_object_on_the_source(nodes: Any, tmp_path: Path,
-                                                                    qemu_factory: Factory,
-                                                                    helper_factory: Factory) -> None:
+                                                                    qemu_factory: QemuFactory,
+                                                                    helper_factory: HelperFactory) -> None:
     # With return-path the source completes only once the destination has
     # loaded everything. The destination's helper is frozen, so the
     # destination QEMU waits in Load; the test kills it there, after Save.
@@ -173,8 +173,8 @@ def test_failed_migration_after_save_leaves_no_object_on_the_source(nodes: Any, 
     assert len(source.ns.save_lines(100)) == 100
 
 
-def test_left_over_object_then_a_migration_without_helpers(nodes: Any, tmp_path: Path, qemu_factory: Factory,
-                                                           helper_factory: Factory) -> None:
+def test_left_over_object_then_a_migration_without_helpers(nodes: Any, tmp_path: Path, qemu_factory: QemuFactory,
+                                                           helper_factory: HelperFactory) -> None:
     # Seen with the Perl helper: a left-over object from an earlier failed run, then a
     # migration without conntrack state: the source sends the section, the
     # destination has no object for it and exits. First the crash, for real.

@@ -38,7 +38,6 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -48,6 +47,7 @@ from tests.perl_helper import (
     PERL_POLICY,
     TRIXIE_ROOT,
     PerlHelper,
+    PerlHelperFactory,
     conntrack_version,
     load_with,
     qemu_server_stop,
@@ -55,9 +55,13 @@ from tests.perl_helper import (
 )
 from tests.support import (
     Helper,
+    HelperFactory,
     Netns,
+    NetnsFactory,
     Node,
+    NodeFactory,
     Qemu,
+    QemuFactory,
     marked,
     migration_qemus,
     realistic_lines,
@@ -67,7 +71,6 @@ from tests.support import (
     wait_until,
 )
 
-Factory = Any
 VMID = 100
 SUFFIX = " --mark %d\n" % VMID
 def steady_lines(n: int, seed: int) -> list[str]:
@@ -118,15 +121,15 @@ class Rig:
     """What a mixed migration needs: nodes, QEMUs, both kinds of helper."""
 
     tmp_path: Path
-    node: Factory
-    qemu: Factory
-    ours: Factory
-    perl: Factory
+    node: NodeFactory
+    qemu: QemuFactory
+    ours: HelperFactory
+    perl: PerlHelperFactory
 
 
 @pytest.fixture
-def rig(tmp_path: Path, node_factory: Factory, qemu_factory: Factory, helper_factory: Factory,
-        perl_helper_factory: Factory) -> Rig:
+def rig(tmp_path: Path, node_factory: NodeFactory, qemu_factory: QemuFactory, helper_factory: HelperFactory,
+        perl_helper_factory: PerlHelperFactory) -> Rig:
     return Rig(tmp_path, node_factory, qemu_factory, helper_factory, perl_helper_factory)
 
 
@@ -271,7 +274,8 @@ FORMATS = ("text", "compact", "auto")
 _payloads: dict[tuple[int, str], tuple[bytes, list[str]]] = {}
 
 
-def our_payload(n: int, fmt: str, netns_factory: Factory, helper_factory: Factory) -> tuple[bytes, list[str]]:
+def our_payload(n: int, fmt: str, netns_factory: NetnsFactory, helper_factory: HelperFactory) -> tuple[bytes,
+                list[str]]:
     """Our helper's Save of a table of ``n`` in format ``fmt``, and the table's entries (stripped)."""
     if (n, fmt) not in _payloads:
         ns = netns_factory()
@@ -303,8 +307,8 @@ def save_line_count(payload: bytes) -> int:
 
 
 @pytest.mark.parametrize(("n", "fmt"), CASES)
-def test_perl_load_of_our_payload(n: int, fmt: str, netns_factory: Factory, helper_factory: Factory,
-                                  perl_helper_factory: Factory) -> None:
+def test_perl_load_of_our_payload(n: int, fmt: str, netns_factory: NetnsFactory, helper_factory: HelperFactory,
+                                  perl_helper_factory: PerlHelperFactory) -> None:
     payload, expected = our_payload(n, fmt, netns_factory, helper_factory)
     target = netns_factory()
     perl: PerlHelper = perl_helper_factory(target, VMID)
@@ -329,8 +333,8 @@ def test_perl_load_of_our_payload(n: int, fmt: str, netns_factory: Factory, help
 
 @pytest.mark.parametrize("conntrack", ["host", "trixie"])
 @pytest.mark.parametrize(("n", "fmt"), CASES)
-def test_conntrack_load_file_reads_our_payload(n: int, fmt: str, conntrack: str, netns_factory: Factory,
-                                               helper_factory: Factory) -> None:
+def test_conntrack_load_file_reads_our_payload(n: int, fmt: str, conntrack: str, netns_factory: NetnsFactory,
+                                               helper_factory: HelperFactory) -> None:
     root = None
     if conntrack == "trixie":
         require_trixie_root()
@@ -352,8 +356,8 @@ def test_conntrack_load_file_reads_our_payload(n: int, fmt: str, conntrack: str,
     assert established(expected) <= set(got)
 
 
-def test_perl_helper_save_ignores_its_suffix_in_the_size_check(netns_factory: Factory,
-                                                               perl_helper_factory: Factory) -> None:
+def test_perl_helper_save_ignores_its_suffix_in_the_size_check(netns_factory: NetnsFactory,
+                                                               perl_helper_factory: PerlHelperFactory) -> None:
     # The stand-in must keep the original's bug: its check counts each line
     # without " --mark VMID\n". With 5,500 save lines of exactly 190 bytes it
     # takes 5,191 of them (5,190 * 202 + 190 <= 1 MiB), i.e. 5,191 * 202 =

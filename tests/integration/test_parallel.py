@@ -13,15 +13,22 @@ import pytest
 
 from pvevmstate.dbus.api import VMSTATE_PATH, VMState1Interface, VMStateHelperInterface
 from tests import client
-from tests.support import REPO, Helper, require, save_lines, synthetic_lines, wait_until
+from tests.support import (
+    PERL_CALLER,
+    Helper,
+    HelperFactory,
+    NetnsFactory,
+    require,
+    save_lines,
+    synthetic_lines,
+    wait_until,
+)
 
 VMIDS = list(range(100, 110))
-PERL_CALLER = REPO / "tests" / "data" / "qemu-server-stop.pl"
-Factory = Any
 
 
 @pytest.fixture
-def ten(netns_factory: Factory, helper_factory: Factory) -> tuple[Any, dict[int, Helper]]:
+def ten(netns_factory: NetnsFactory, helper_factory: HelperFactory) -> tuple[Any, dict[int, Helper]]:
     ns = netns_factory()
     for i, vmid in enumerate(VMIDS):
         # A different number of entries per VM, so a mix-up shows in the counts.

@@ -16,9 +16,8 @@ from typing import Any
 import pytest
 
 from tests import client
-from tests.support import POLICY, PrivateBus, start_policy_bus
+from tests.support import POLICY, HelperFactory, NetnsFactory, PrivateBus, start_policy_bus
 
-Factory = Any
 DENIED = "org.freedesktop.DBus.Error.AccessDenied"
 HELPER = ("/org/qemu/VMState1",)
 
@@ -90,8 +89,8 @@ def test_root_may_own_the_names(policy_bus: PrivateBus) -> None:
         assert proc.returncode == 0, (name, proc.stderr)
 
 
-def test_helper_serves_root_and_refuses_nobody(policy_bus: PrivateBus, netns_factory: Factory,
-                                              helper_factory: Factory) -> None:
+def test_helper_serves_root_and_refuses_nobody(policy_bus: PrivateBus, netns_factory: NetnsFactory,
+                                              helper_factory: HelperFactory) -> None:
     helper = helper_factory(netns_factory(), 100, bus=policy_bus)
     unique = client.owner(client.vm(100), address=policy_bus.address)
     # QEMU addresses helpers by their unique names (from ListQueuedOwners).

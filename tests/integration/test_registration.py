@@ -12,10 +12,19 @@ from typing import Any
 import pytest
 
 from tests import client
-from tests.support import PrivateBus, Qemu, QMPFailed, helper_command, run_cleanup, wait_until
+from tests.support import (
+    HelperFactory,
+    NetnsFactory,
+    PrivateBus,
+    Qemu,
+    QemuFactory,
+    QMPFailed,
+    helper_command,
+    run_cleanup,
+    wait_until,
+)
 
 VMID = 100
-Factory = Any
 
 
 def object_props(qemu: Qemu) -> tuple[str, str]:
@@ -53,8 +62,8 @@ def has_object(qemu: Qemu) -> bool:
         return False
 
 
-def test_ready_only_once_qemu_has_the_object(netns_factory: Factory, helper_factory: Factory,
-                                             qemu_factory: Factory, system_bus: PrivateBus,
+def test_ready_only_once_qemu_has_the_object(netns_factory: NetnsFactory, helper_factory: HelperFactory,
+                                             qemu_factory: QemuFactory, system_bus: PrivateBus,
                                              *, monkeypatch: pytest.MonkeyPatch) -> None:
     # READY=1 goes to a NOTIFY_SOCKET whose queue is full, so the helper's
     # sd_notify blocks in send() until the test reads: READY cannot be reported
@@ -81,8 +90,8 @@ def test_ready_only_once_qemu_has_the_object(netns_factory: Factory, helper_fact
     assert journal.index("ready:") > 0 and "QEMU %s" % qemu.qmp_path in journal
 
 
-def test_left_over_object_is_replaced(netns_factory: Factory, helper_factory: Factory,
-                                      qemu_factory: Factory, system_bus: PrivateBus) -> None:
+def test_left_over_object_is_replaced(netns_factory: NetnsFactory, helper_factory: HelperFactory,
+                                      qemu_factory: QemuFactory, system_bus: PrivateBus) -> None:
     qemu = qemu_factory("vm")
     qemu.qmp("object-add", **{"qom-type": "dbus-vmstate", "id": "pve-vmstate", "addr": system_bus.address,
                               "id-list": "pve-vmstate-999"})
@@ -105,13 +114,13 @@ def assert_nothing_left(proc: subprocess.CompletedProcess[bytes], why: str) -> N
     assert not any(client.get_id(o) == "pve-vmstate-100" for o in client.queued_owners())
 
 
-def test_no_qemu_exits_1_and_leaves_nothing(netns_factory: Factory, system_bus: PrivateBus,
+def test_no_qemu_exits_1_and_leaves_nothing(netns_factory: NetnsFactory, system_bus: PrivateBus,
                                             tmp_path: Path) -> None:
     proc = run_failing(netns_factory(), tmp_path / "100.qmp")
     assert_nothing_left(proc, "cannot register with the QEMU of VM 100: cannot connect to")
 
 
-def test_silent_monitor_times_out(netns_factory: Factory, system_bus: PrivateBus, tmp_path: Path) -> None:
+def test_silent_monitor_times_out(netns_factory: NetnsFactory, system_bus: PrivateBus, tmp_path: Path) -> None:
     # A monitor that accepts and never greets: what a hung QEMU looks like.
     path = tmp_path / "100.qmp"
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -124,8 +133,8 @@ def test_silent_monitor_times_out(netns_factory: Factory, system_bus: PrivateBus
     assert_nothing_left(proc, "no answer to the greeting")
 
 
-def test_refused_object_exits_1_and_keeps_the_other_object(netns_factory: Factory, system_bus: PrivateBus,
-                                                           qemu_factory: Factory) -> None:
+def test_refused_object_exits_1_and_keeps_the_other_object(netns_factory: NetnsFactory, system_bus: PrivateBus,
+                                                           qemu_factory: QemuFactory) -> None:
     # Only one dbus-vmstate object may exist; somebody else's is not ours to remove.
     qemu = qemu_factory("vm")
     qemu.qmp("object-add", **{"qom-type": "dbus-vmstate", "id": "other", "addr": system_bus.address,
@@ -135,7 +144,8 @@ def test_refused_object_exits_1_and_keeps_the_other_object(netns_factory: Factor
     assert qemu.objects() == {"other"}
 
 
-def test_quit_removes_the_object(netns_factory: Factory, helper_factory: Factory, qemu_factory: Factory) -> None:
+def test_quit_removes_the_object(netns_factory: NetnsFactory, helper_factory: HelperFactory,
+                                 qemu_factory: QemuFactory) -> None:
     qemu = qemu_factory("vm")
     helper = helper_factory(netns_factory(), VMID, qemu=qemu)
     client.quit_helper(client.vm(VMID))
@@ -144,7 +154,8 @@ def test_quit_removes_the_object(netns_factory: Factory, helper_factory: Factory
     assert "removed the dbus-vmstate object from QEMU" in helper.journal()
 
 
-def test_sigterm_removes_the_object(netns_factory: Factory, helper_factory: Factory, qemu_factory: Factory) -> None:
+def test_sigterm_removes_the_object(netns_factory: NetnsFactory, helper_factory: HelperFactory,
+                                    qemu_factory: QemuFactory) -> None:
     qemu = qemu_factory("vm")
     helper = helper_factory(netns_factory(), VMID, qemu=qemu)
     helper.signal(signal.SIGTERM)
@@ -152,7 +163,8 @@ def test_sigterm_removes_the_object(netns_factory: Factory, helper_factory: Fact
     assert "pve-vmstate" not in qemu.objects()
 
 
-def test_quit_after_qemu_is_gone(netns_factory: Factory, helper_factory: Factory, qemu_factory: Factory) -> None:
+def test_quit_after_qemu_is_gone(netns_factory: NetnsFactory, helper_factory: HelperFactory,
+                                 qemu_factory: QemuFactory) -> None:
     qemu = qemu_factory("vm")
     helper = helper_factory(netns_factory(), VMID, qemu=qemu)
     qemu.stop()
@@ -161,8 +173,8 @@ def test_quit_after_qemu_is_gone(netns_factory: Factory, helper_factory: Factory
     assert "could not remove the dbus-vmstate object" in helper.journal()
 
 
-def test_replaced_helper_leaves_the_object_to_its_successor(netns_factory: Factory, helper_factory: Factory,
-                                                            qemu_factory: Factory) -> None:
+def test_replaced_helper_leaves_the_object_to_its_successor(netns_factory: NetnsFactory, helper_factory: HelperFactory,
+                                                            qemu_factory: QemuFactory) -> None:
     ns, qemu = netns_factory(), qemu_factory("vm")
     first = helper_factory(ns, VMID, qemu=qemu)
     second = helper_factory(ns, VMID, qemu=qemu)
@@ -175,8 +187,8 @@ def test_replaced_helper_leaves_the_object_to_its_successor(netns_factory: Facto
     assert "pve-vmstate" not in qemu.objects()
 
 
-def test_load_on_a_running_vm_removes_the_object(netns_factory: Factory, helper_factory: Factory,
-                                                 qemu_factory: Factory) -> None:
+def test_load_on_a_running_vm_removes_the_object(netns_factory: NetnsFactory, helper_factory: HelperFactory,
+                                                 qemu_factory: QemuFactory) -> None:
     # Load outside an incoming migration: QEMU is not in inmigrate, so the
     # object has nothing left to serve and goes at once.
     qemu = qemu_factory("vm")
@@ -186,8 +198,8 @@ def test_load_on_a_running_vm_removes_the_object(netns_factory: Factory, helper_
     assert "incoming migration finished, VM is running" in helper.journal()
 
 
-def test_cleanup_removes_the_object_a_killed_helper_left(netns_factory: Factory, helper_factory: Factory,
-                                                        qemu_factory: Factory) -> None:
+def test_cleanup_removes_the_object_a_killed_helper_left(netns_factory: NetnsFactory, helper_factory: HelperFactory,
+                                                        qemu_factory: QemuFactory) -> None:
     qemu = qemu_factory("vm")
     helper = helper_factory(netns_factory(), VMID, qemu=qemu)
     helper.signal(signal.SIGKILL)
@@ -207,8 +219,8 @@ def test_cleanup_removes_the_object_a_killed_helper_left(netns_factory: Factory,
     assert code == 0 and err.startswith("<6>cleanup: nothing removed from the QEMU of VM 100: ")
 
 
-def test_cleanup_after_a_fatal_exit_removes_a_left_object(netns_factory: Factory, helper_factory: Factory,
-                                                           qemu_factory: Factory) -> None:
+def test_cleanup_after_a_fatal_exit_removes_a_left_object(netns_factory: NetnsFactory, helper_factory: HelperFactory,
+                                                           qemu_factory: QemuFactory) -> None:
     # Exit status 1 can come from an unexpected error after the object was
     # added: ExecStopPost then looks, and removes what is left.
     qemu = qemu_factory("vm")

@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
 
 from pvevmstate.dbus.api import VMSTATE_PATH, VMState1Interface
 from tests import client
-from tests.support import realistic_lines
+from tests.support import HelperFactory, NetnsFactory, realistic_lines
 
-Factory = Any
 #: What the issue asks: an Id read answers within 50 ms, whatever the helper is doing.
 ID_DEADLINE_MS = 50.0
 ENTRIES = 50_000
@@ -36,7 +34,8 @@ async def _ids_during_save(busy: str, other: str) -> tuple[bytes, dict[str, list
         bus.close()
 
 
-def test_id_answers_within_50_ms_during_a_50000_entry_save(netns_factory: Factory, helper_factory: Factory) -> None:
+def test_id_answers_within_50_ms_during_a_50000_entry_save(netns_factory: NetnsFactory,
+                                                           helper_factory: HelperFactory) -> None:
     ns = netns_factory()
     ns.load(realistic_lines(ENTRIES, seed=21, min_timeout=900), mark=100)
     helper_factory(ns, 100)

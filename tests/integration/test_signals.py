@@ -20,12 +20,11 @@ import pytest
 from pvevmstate.payload import compact
 from pvevmstate.payload import savetext as codec
 from tests import client
-from tests.support import Helper, realistic_lines, synthetic_lines, wait_until
+from tests.support import Helper, HelperFactory, NetnsFactory, realistic_lines, synthetic_lines, wait_until
 
 VMID = 100
 #: About 2 s of Load on two cores, as in the report (issue 11, item 1).
 RECORDS = 200_000
-Factory = Any
 
 
 @functools.cache
@@ -94,7 +93,7 @@ def _no_trace(helper: Helper) -> None:
 
 
 @pytest.mark.parametrize("second", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_second_signal_during_a_load_waits_for_its_answer(netns_factory: Factory, helper_factory: Factory,
+def test_second_signal_during_a_load_waits_for_its_answer(netns_factory: NetnsFactory, helper_factory: HelperFactory,
                                                           second: signal.Signals) -> None:
     data = _payload()
     ns = netns_factory()
@@ -110,8 +109,8 @@ def test_second_signal_during_a_load_waits_for_its_answer(netns_factory: Factory
     _no_trace(helper)
 
 
-def test_second_signal_during_a_save_waits_for_its_answer(netns_factory: Factory,
-                                                          helper_factory: Factory) -> None:
+def test_second_signal_during_a_save_waits_for_its_answer(netns_factory: NetnsFactory,
+                                                          helper_factory: HelperFactory) -> None:
     ns = netns_factory()
     ns.load(realistic_lines(100_000, seed=32, min_timeout=900), mark=VMID)
     helper = helper_factory(ns, VMID)

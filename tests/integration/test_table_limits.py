@@ -18,9 +18,9 @@ from pvevmstate.netlink.conntrack import Conntrack
 from pvevmstate.payload import compact
 from pvevmstate.vmstate import DEFAULT_TABLE_RESERVE, load_ceiling
 from tests import client
+from tests.support import HelperFactory, NetnsFactory
 
 VMID, OTHER = 100, 101
-Factory = Any
 _ESTABLISHED = 3
 
 
@@ -75,7 +75,8 @@ def peak_rss_mib(pid: int) -> float:
     return int(found.group(1)) / 1024
 
 
-def test_load_into_a_nearly_full_table_evicts_nothing(netns_factory: Factory, helper_factory: Factory) -> None:
+def test_load_into_a_nearly_full_table_evicts_nothing(netns_factory: NetnsFactory,
+                                                      helper_factory: HelperFactory) -> None:
     # 240,000 of VM 101's entries that are not assured: the kernel drops
     # exactly such entries when it needs room. A 30,000-entry payload for VM
     # 100 would push the table past nf_conntrack_max (262,144 here).
@@ -100,8 +101,8 @@ def test_load_into_a_nearly_full_table_evicts_nothing(netns_factory: Factory, he
         in journal, journal
 
 
-def test_load_fills_up_to_the_reserve_most_important_first(netns_factory: Factory,
-                                                             helper_factory: Factory) -> None:
+def test_load_fills_up_to_the_reserve_most_important_first(netns_factory: NetnsFactory,
+                                                             helper_factory: HelperFactory) -> None:
     # 100,000 foreign entries, then a 200,000-record payload whose first half
     # is unassured UDP and second half assured established TCP: with the
     # default reserve only part fits, and it must be the TCP half first.
@@ -125,7 +126,7 @@ def test_load_fills_up_to_the_reserve_most_important_first(netns_factory: Factor
     assert ": %d other\n" % left in journal, journal
 
 
-def test_load_of_200000_records_stays_within_96_mib(netns_factory: Factory, helper_factory: Factory) -> None:
+def test_load_of_200000_records_stays_within_96_mib(netns_factory: NetnsFactory, helper_factory: HelperFactory) -> None:
     ns = netns_factory()
     payload = compact.encode(flows(100_000, 2, assured=False) + flows(100_000, 3, assured=True))
     helper = helper_factory(ns, VMID)
@@ -135,8 +136,8 @@ def test_load_of_200000_records_stays_within_96_mib(netns_factory: Factory, help
     assert peak <= 96, "peak RSS %.1f MiB" % peak
 
 
-def test_nat_mapping_taken_on_the_destination_is_reported(netns_factory: Factory,
-                                                          helper_factory: Factory) -> None:
+def test_nat_mapping_taken_on_the_destination_is_reported(netns_factory: NetnsFactory,
+                                                          helper_factory: HelperFactory) -> None:
     ns = netns_factory()
     # Another entry already answers to 198.51.100.1:80 -> 192.0.2.1:1000, the
     # reply tuple the first payload entry's source NAT asks for.

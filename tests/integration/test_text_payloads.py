@@ -33,10 +33,9 @@ from pvevmstate.model import (
 )
 from pvevmstate.payload import savetext as codec
 from tests import client
-from tests.support import Netns, example_lines, require, strip_timeout, wait_until
+from tests.support import HelperFactory, Netns, NetnsFactory, example_lines, require, strip_timeout, wait_until
 
 VMID = 100
-Factory = Any
 FTP_PORT = 2121
 DATA_CONNECTIONS = 3
 
@@ -125,7 +124,7 @@ def start_ftp(ns: Netns) -> subprocess.Popen[bytes]:
     return proc
 
 
-def test_text_payload_with_ftp_and_dccp_loads_whole(netns_factory: Factory, helper_factory: Factory) -> None:
+def test_text_payload_with_ftp_and_dccp_loads_whole(netns_factory: NetnsFactory, helper_factory: HelperFactory) -> None:
     source = netns_factory()
     ftp = start_ftp(source)
     try:
@@ -243,7 +242,7 @@ def entry_kinds() -> list[Entry]:
     return out
 
 
-def test_save_writes_only_lines_conntrack_loads(netns_factory: Factory) -> None:
+def test_save_writes_only_lines_conntrack_loads(netns_factory: NetnsFactory) -> None:
     """codec.text_problem against conntrack(8) 1.4.7 itself, one line per file."""
     ns = netns_factory()
     disagree = []
@@ -268,7 +267,7 @@ def test_save_writes_only_lines_conntrack_loads(netns_factory: Factory) -> None:
     assert len(ns.save_lines(VMID)) == loaded >= sum(codec.text_problem(e) is None for e in entry_kinds())
 
 
-def test_load_creates_bare_dccp_lines(netns_factory: Factory, helper_factory: Factory) -> None:
+def test_load_creates_bare_dccp_lines(netns_factory: NetnsFactory, helper_factory: HelperFactory) -> None:
     # What a Perl source (conntrack -L -o save) sends for generic-tracker DCCP.
     ns = netns_factory()
     lines = ["-A -t 500 -u SEEN_REPLY -s 10.33.1.%d -d 192.0.2.33 -r 192.0.2.33 -q 10.33.1.%d -p dccp" % (i, i)

@@ -5,13 +5,10 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from typing import Any
 
 import pytest
 
-from tests.support import REPO, PrivateBus, helper_command, require
-
-Factory = Any
+from tests.support import REPO, NetnsFactory, PrivateBus, helper_command, require
 
 
 @pytest.mark.parametrize(("nofile", "line"), [
@@ -21,7 +18,7 @@ Factory = Any
     (6, "<3>cannot use the conntrack table: cannot open a ctnetlink socket: EMFILE (Too many open files)"),
 ])
 @pytest.mark.parametrize("debug", [False, True], ids=["plain", "debug"])
-def test_no_file_descriptor_left(netns_factory: Factory, system_bus: PrivateBus, nofile: int, line: str,
+def test_no_file_descriptor_left(netns_factory: NetnsFactory, system_bus: PrivateBus, nofile: int, line: str,
                                  debug: bool) -> None:
     require(shutil.which("prlimit") is not None, "needs prlimit (util-linux)")
     ns = netns_factory()

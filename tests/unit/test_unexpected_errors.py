@@ -79,6 +79,6 @@ def test_conntrack_open_wraps_os_errors() -> None:
     # OSError there would reach main as "unexpected".
     sock = _BrokenSocket()
     with pytest.raises(ConntrackError, match="EBADF"):
-        Conntrack(sock)  # type: ignore[arg-type]
+        Conntrack(sock)  # type: ignore[arg-type]  # a stand-in socket whose getsockopt fails
     assert sock.closed
 
