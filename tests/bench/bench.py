@@ -7,7 +7,8 @@ in it on a private system bus, registered with a QEMU (``-machine none``).
 Measured, median of ``--repeat`` runs:
 
 * Save: D-Bus call to reply through the private bus, against the whole
-  process ``conntrack -L --mark VMID -o save``;
+  process ``conntrack -L --mark VMID -o save`` and against the kernel's own
+  mark-filtered dump (received, nothing decoded: the floor for an exact Save);
 * Load: D-Bus call to reply, after the VM's entries were deleted, against the
   whole process ``conntrack --load-file -`` with the same entries as text;
 * the payload: bytes, format, entries carried within QEMU's 1 MiB;
@@ -27,6 +28,7 @@ import os
 import platform
 import shutil
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -39,6 +41,8 @@ from pyroute2 import netns
 from sdbus import SdBus
 
 from pvevmstate.dbus.api import VMSTATE_PATH, VMState1Interface, helper_bus_name
+from pvevmstate.netlink import NLMSG_DONE, NLMSG_ERROR, dump_request
+from pvevmstate.netlink.conntrack import open_netlink_socket
 from tests import client
 from tests.support import REPO, PrivateBus, Qemu, helper_command, realistic_lines, start_bus, start_qemu
 
@@ -55,6 +59,32 @@ def conntrack_in(ns: str, *args: str, data: bytes | None = None) -> float:
     subprocess.run(["conntrack", *args], input=data, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                    check=True, preexec_fn=lambda: netns.setns(ns))
     return (time.perf_counter() - t0) * 1e3
+
+
+def kernel_dump_ms(ns: str, mark: int) -> float:
+    """The kernel's own share of a Save: one mark-filtered dump over ctnetlink,
+    received and split into messages, nothing decoded (the floor for an exact Save)."""
+    netns.pushns(ns)
+    try:
+        sock = open_netlink_socket()
+    finally:
+        netns.popns()
+    buf = bytearray(1 << 20)
+    try:
+        t0 = time.perf_counter()
+        sock.send(dump_request(1, mark))
+        done = False
+        while not done:
+            n = sock.recv_into(buf)
+            off = 0
+            while off + 16 <= n:
+                mlen, mtype = struct.unpack_from("=IH", buf, off)
+                if mtype in (NLMSG_DONE, NLMSG_ERROR):
+                    done = True
+                off += (mlen + 3) & ~3
+        return (time.perf_counter() - t0) * 1e3
+    finally:
+        sock.close()
 
 
 def load_table(ns: str, lines: list[str], mark: int) -> None:
@@ -164,13 +194,14 @@ async def measure(n: int, repeat: int, work: Path) -> dict[str, Any]:
         assert helper is not None
         proxy = VMState1Interface.new_proxy(helper_bus_name(VMID), VMSTATE_PATH, conn)
 
-        save_ms, ct_save_ms = [], []
+        save_ms, ct_save_ms, kernel_ms = [], [], []
         payload = b""
         for _ in range(repeat):
             t0 = time.perf_counter()
             payload = bytes(await proxy.save())
             save_ms.append((time.perf_counter() - t0) * 1e3)
             ct_save_ms.append(conntrack_in(ns, "-L", "--mark", str(VMID), "-o", "save"))
+            kernel_ms.append(kernel_dump_ms(ns, VMID))
         journal = helper.log.read_text()
         sent_line = [ln for ln in journal.splitlines() if "Save: " in ln][-1]
         sent = int(sent_line.split(", sent ")[1].split()[0])
@@ -195,11 +226,13 @@ async def measure(n: int, repeat: int, work: Path) -> dict[str, Any]:
             "entries_sent": sent, "entries_created_by_load": created,
             "save_ms": median(save_ms), "conntrack_save_ms": median(ct_save_ms),
             "save_ratio": median(save_ms) / median(ct_save_ms),
+            "kernel_dump_ms": median(kernel_ms), "save_kernel_ratio": median(save_ms) / median(kernel_ms),
             "load_ms": median(load_ms), "conntrack_load_ms": median(ct_load_ms),
             "load_ratio": median(load_ms) / median(ct_load_ms),
             "idle_rss_mib": median(rss) / 1024, "exec_to_names_ms": median(names_ms),
             "exec_to_ready_ms": median(ready_ms),
-            "raw": {"save_ms": save_ms, "conntrack_save_ms": ct_save_ms, "load_ms": load_ms,
+            "raw": {"save_ms": save_ms, "conntrack_save_ms": ct_save_ms,
+                    "kernel_dump_ms": kernel_ms, "load_ms": load_ms,
                     "conntrack_load_ms": ct_load_ms, "exec_to_names_ms": names_ms, "idle_rss_kib": rss},
         }
     finally:
@@ -211,18 +244,20 @@ async def measure(n: int, repeat: int, work: Path) -> dict[str, Any]:
         netns.remove(ns)
 
 
-TARGETS = {  # (size, key): limit, as in the issue
-    (5000, "save_ratio"): 0.7, (5000, "load_ratio"): 0.7, (50000, "save_ratio"): 1.0, (50000, "load_ratio"): 1.0,
+TARGETS = {  # (size, key): limit (issue 13)
+    (size, key): limit for size in (5000, 50000)
+    for key, limit in (("save_kernel_ratio", 1.5), ("save_ratio", 0.8), ("load_ratio", 0.5))
 }
 
 
 def table(results: list[dict[str, Any]]) -> str:
-    head = ("entries", "format", "bytes", "sent", "Save ms", "ct ms", "ratio", "Load ms", "ct ms", "ratio",
-            "RSS MiB", "names ms", "ready ms")
+    head = ("entries", "format", "bytes", "sent", "Save ms", "kernel ms", "ratio", "ct ms", "ratio", "Load ms",
+            "ct ms", "ratio", "RSS MiB", "names ms", "ready ms")
     rows = [head]
     for r in results:
         rows.append((str(r["entries"]), r["payload_format"], str(r["payload_bytes"]), str(r["entries_sent"]),
-                     "%.1f" % r["save_ms"], "%.1f" % r["conntrack_save_ms"], "%.2f" % r["save_ratio"],
+                     "%.1f" % r["save_ms"], "%.1f" % r["kernel_dump_ms"], "%.2f" % r["save_kernel_ratio"],
+                     "%.1f" % r["conntrack_save_ms"], "%.2f" % r["save_ratio"],
                      "%.1f" % r["load_ms"], "%.1f" % r["conntrack_load_ms"], "%.2f" % r["load_ratio"],
                      "%.1f" % r["idle_rss_mib"], "%.0f" % r["exec_to_names_ms"], "%.0f" % r["exec_to_ready_ms"]))
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
