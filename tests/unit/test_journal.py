@@ -204,8 +204,8 @@ def test_a_bad_field_name_or_a_huge_line_still_reaches_stderr(stderr: TextIO, jo
 @pytest.mark.usefixtures("reset_logging")
 def test_a_full_journald_queue_loses_no_line(stderr: TextIO, journald: Journald) -> None:
     # Nobody reads the socket: once its queue is full, sends fail with EAGAIN
-    # at once (not block) and those lines go to stderr; each line exactly once.
-    journald.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    # at once (max_dgram_qlen or the send buffer; not block) and those lines
+    # go to stderr; each line exactly once.
     logsetup.configure(stream=stderr, journal_socket=journald.path, environ=journal_stream(stderr))
     log = logging.getLogger("t")
     n = 3000
