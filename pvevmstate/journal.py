@@ -8,7 +8,7 @@ unaffected.
 
 Written by hand rather than with python3-systemd's ``journal.send``, for the
 same reasons as :mod:`.notify`: the protocol is a datagram of ``KEY=value``
-lines (about fifty lines here), while the binding is one more Debian
+lines (under a hundred lines here with the handler), while the binding is one more Debian
 dependency and, in a virtualenv, a C extension (systemd-python) that needs
 libsystemd's headers and a compiler to install. The binding also sends to a
 fixed socket path (tests here bind their own socket) over a blocking socket,
