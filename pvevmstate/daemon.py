@@ -63,6 +63,7 @@ from .dbus.api import (
 )
 from .dbus.service import VMStateService
 from .errors import BusError, QMPError, VMStateError
+from .journal import fields
 from .notify import sd_notify
 from .payload import Choice
 from .qemu.qmp import DEFAULT_TIMEOUT as QMP_TIMEOUT
@@ -308,7 +309,10 @@ class Daemon:
             return await self._serve(driver, bus, names)
 
     def _log_exit(self) -> None:
-        log.info("helper for VM %d exiting: %s", self.settings.vmid, self._reason or "error")
+        # No reason means an exception is on its way out, and main() exits with 1.
+        log.info("helper for VM %d exiting: %s", self.settings.vmid, self._reason or "error",
+                 extra=fields(VMID=self.settings.vmid, REASON=self._reason or "error",
+                              EXIT_STATUS=self._exit if self._reason else EXIT_FAILURE))
 
     async def _serve(self, driver: BusDriver, bus: SdBus, names: list[str]) -> int:
         vmid = self.settings.vmid
@@ -318,7 +322,7 @@ class Daemon:
             sd_notify("READY=1\nSTATUS=serving %s" % helper_id(vmid))
             log.info("helper for VM %d ready: Id %s, bus names %s and %s, unique name %s, QEMU %s",
                      vmid, helper_id(vmid), helper_bus_name(vmid), VMSTATE_NAME, unique,
-                     self.qemu.qmp_socket)
+                     self.qemu.qmp_socket, extra=fields(VMID=vmid, HELPER_ID=helper_id(vmid), UNIQUE_NAME=unique))
             assert self._stop is not None
             await self._stop.wait()
             log.log(logging.ERROR if self._exit else logging.INFO, "stopping: %s", self._reason)

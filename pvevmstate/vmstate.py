@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from . import payload
+from . import journal, payload
 from .errors import errno_text
 from .model import CreateResult, Entry, TableStats
 
@@ -77,6 +77,8 @@ class LoadReport:
     #: The table before Load, and the fill Load stops at.
     before: TableStats | None = None
     ceiling: int = 0
+    #: What the payload was, as read (a damaged hybrid payload is read as text).
+    format: payload.Format = payload.Format.NONE
 
 
 class VMState:
@@ -137,7 +139,7 @@ class VMState:
                 left_out.update(payload.CLASSES[classes[i]] for i in order[done:])
         refusals = incoming.refusals
         return LoadReport(len(data), incoming.lines, refusals.refused, refusals.samples, result,
-                          (time.perf_counter() - t0) * 1000, left_out, before, ceiling)
+                          (time.perf_counter() - t0) * 1000, left_out, before, ceiling, incoming.format)
 
     async def save(self) -> SaveReport:
         """Dump this VM's entries and encode them within the limit.
@@ -149,9 +151,15 @@ class VMState:
         out = report.encoded
         left_out = out.left_out_total
         level = logging.WARNING if left_out else logging.INFO
+        # The same numbers as fields, for journalctl -o json (README: "Journal fields").
+        fields: dict[str, journal.FieldValue] = {
+            "VMID": self.vmid, "ENTRIES": report.dumped, "SENT": out.sent, "LEFT_OUT": left_out,
+            "BYTES": len(out.data), "FORMAT": out.format.value, "DURATION_MS": report.ms}
+        if out.format == payload.Format.HYBRID:
+            fields["TEXT_SENT"] = out.text_sent  # what a Perl destination restores
         log.log(level, "Save: %d entries with mark %d, sent %d in %d bytes as %s (limit %d), left out %d, "
                 "%.1f ms", report.dumped, self.vmid, out.sent, len(out.data), out.format,
-                self._limit, left_out, report.ms)
+                self._limit, left_out, report.ms, extra=journal.fields(**fields))
         if out.left_out:
             log.warning("Save: left out by class: %s", ", ".join(
                 "%d %s" % (out.left_out[c], c) for c in payload.CLASSES if out.left_out[c]))
@@ -191,8 +199,12 @@ class VMState:
         failed = result.failed_total
         level = (logging.WARNING if report.refused or failed or result.unknown or result.remapped
                  or report.left_out else logging.INFO)
+        left_out = sum(report.left_out.values())
         log.log(level, "Load: %d bytes, %d lines, created %d entries with mark %d, refused %d, "
                 "failed %d, unknown %d, left out %d, %.1f ms", report.received, report.lines,
-                result.created, self.vmid, report.refused, failed, result.unknown,
-                sum(report.left_out.values()), report.ms)
+                result.created, self.vmid, report.refused, failed, result.unknown, left_out, report.ms,
+                extra=journal.fields(VMID=self.vmid, BYTES=report.received, LINES=report.lines,
+                                     CREATED=result.created, REFUSED=report.refused, FAILED=failed,
+                                     UNKNOWN=result.unknown, LEFT_OUT=left_out, DURATION_MS=report.ms,
+                                     FORMAT=report.format.value))
         return report

@@ -4,6 +4,8 @@
 # unit for real under trixie's systemd, D-Bus and QEMU:
 #   - `systemctl start pve-dbus-vmstate@100` returns only once QEMU has the object;
 #   - Save works under the unit's hardening; journal priorities are right;
+#   - the ready, Save, Load and exit lines reach journald natively with their
+#     fields (journalctl -o json), each line once;
 #   - nobody is refused by the real system bus with the installed policy;
 #   - Quit and `systemctl stop` remove the QEMU object;
 #   - a start without QEMU and a bad VMID fail with one error line, and the
@@ -57,6 +59,20 @@ for line in sys.stdin:
     if m.get("SYSLOG_IDENTIFIER") == "pve-dbus-vmstate":
         print(m.get("PRIORITY"), m.get("MESSAGE"))'
 }
+fields() {  # $1's entries from the helper, one JSON object a line, checked by the Python in $2
+    ct journalctl --sync
+    ct journalctl -b -u "$1" -o json --no-pager | python3 -c '
+import json, sys
+lines = [m for m in map(json.loads, sys.stdin) if m.get("SYSLOG_IDENTIFIER") == "pve-dbus-vmstate"]
+def one(prefix):
+    found = [m for m in lines if m["MESSAGE"].startswith(prefix)]
+    assert len(found) == 1, "%d lines start with %r" % (len(found), prefix)
+    return found[0]
+def has(m, **want):
+    got = {k: m.get(k) for k in want}
+    assert got == want, "%s: %r, expected %r" % (m["MESSAGE"], got, want)
+'"$2"
+}
 objects() {  # the QEMU objects of VM $1, over its QMP socket
     ct python3 -c '
 import json, socket, sys
@@ -101,6 +117,28 @@ ct systemctl is-active -q pve-dbus-vmstate@100 && fail "still active after Quit"
 objects 100 | grep -w pve-vmstate >/dev/null && fail "object left after Quit"
 journal pve-dbus-vmstate@100 | grep '^6 helper for VM 100 exiting: Quit called' >/dev/null || fail "exit line"
 
+echo "--- structured journal: the ready, Save, Load and exit lines carry their numbers; no line twice" >&2
+# One run of the unit so far: each of these lines is there once, every line
+# came over the native socket (_TRANSPORT=journal; a stderr line would be
+# stdout) and none is there twice.
+fields pve-dbus-vmstate@100 '
+ready = one("helper for VM 100 ready: ")
+has(ready, VMID="100", HELPER_ID="pve-vmstate-100")
+assert ready["UNIQUE_NAME"].startswith(":") and "unique name %s," % ready["UNIQUE_NAME"] in ready["MESSAGE"], ready
+save = one("Save: ")
+has(save, PRIORITY="6", VMID="100", ENTRIES="3", SENT="3", LEFT_OUT="0", FORMAT="hybrid", TEXT_SENT="3")
+assert int(save["BYTES"]) > 3 and " in %s bytes as hybrid" % save["BYTES"] in save["MESSAGE"], save
+assert float(save["DURATION_MS"]) >= 0, save
+load = one("Load: 3 bytes")
+has(load, PRIORITY="4", VMID="100", BYTES="3", LINES="1", CREATED="0", REFUSED="1", FAILED="0", UNKNOWN="0",
+    LEFT_OUT="0", FORMAT="text")
+assert float(load["DURATION_MS"]) >= 0, load
+has(one("helper for VM 100 exiting: "), PRIORITY="6", VMID="100", REASON="Quit called", EXIT_STATUS="0")
+messages = [m["MESSAGE"] for m in lines]
+assert len(set(messages)) == len(messages), "a line twice: %r" % messages
+assert {m["_TRANSPORT"] for m in lines} == {"journal"}, [(m["_TRANSPORT"], m["MESSAGE"]) for m in lines]
+' || fail "journal fields"
+
 echo "--- started through systemd's StartUnit over D-Bus (the activation path)" >&2
 ct busctl call org.freedesktop.systemd1 /org/freedesktop/systemd1 org.freedesktop.systemd1.Manager \
     StartUnit ss pve-dbus-vmstate@100.service replace >/dev/null || fail "StartUnit"
@@ -116,6 +154,9 @@ echo "--- no QEMU: the start fails, one error line, nothing holds the VM's scope
 ct systemctl start pve-dbus-vmstate@101 2>/dev/null && fail "start without QEMU succeeded"
 [ "$(journal pve-dbus-vmstate@101 | grep -c '^3 ')" = 1 ] || fail "one error line"
 journal pve-dbus-vmstate@101 | grep '^3 cannot register with the QEMU of VM 101' >/dev/null || fail "error line"
+fields pve-dbus-vmstate@101 '
+has(one("helper for VM 101 exiting: "), VMID="101", REASON="not registered with QEMU", EXIT_STATUS="1")
+' || fail "exit fields after a failed start"
 [ -z "$(ct systemctl list-units --all --no-legend pve-dbus-vmstate@101.service 101.scope)" ] \
     || fail "failed instance still loaded, holding 101.scope"
 ct systemd-run --quiet --scope --unit=101 --slice=qemu true || fail "scope 101 blocked"
