@@ -163,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "as ExecStopPost")
     parser.add_argument("--debug", action="store_true", help="log at debug level, with tracebacks")
     parser.add_argument("--version", action="version", version="%(prog)s " + __version__)
+    from . import commands
+
+    commands.describe(parser)
     return parser
 
 
@@ -184,6 +187,12 @@ def main(argv: list[str] | None = None) -> int:
     from . import cleanup
 
     argv = sys.argv[1:] if argv is None else argv
+    from . import commands
+
+    if argv and argv[0] in commands.COMMANDS:
+        # A word that is never a VMID: dispatched before the VMID parser,
+        # and without loading the daemon, D-Bus or netlink modules.
+        return commands.run(argv)
     if "--cleanup" in argv and not cleanup.needed(os.environ):
         return 0  # before parsing: a bad VMID already had its one journal line
     parser = build_parser()
