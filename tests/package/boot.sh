@@ -11,7 +11,8 @@
 #   - the environment file: shipped inert, a bad value fails the start with one
 #     line, a good one is used;
 #   - a killed helper's object is removed by ExecStopPost;
-#   - stopping the bus stops the helper first (the order at host shutdown).
+#   - stopping the bus stops the helper first (the order at host shutdown);
+#   - `man -w pve-dbus-vmstate` finds the installed page, which renders cleanly.
 # Needs root and systemd-nspawn (package systemd-container).
 set -euo pipefail
 root=${TRIXIE_ROOT:-/var/tmp/pvevmstate-trixie}
@@ -49,6 +50,14 @@ done
 echo "container $machine: systemd $(ct systemctl --version | head -1 | cut -d' ' -f2) is $state" >&2
 
 fail() { echo "FAILED: $*" >&2; exit 1; }
+
+echo "--- the man page: installed where man finds it, and it renders without warnings" >&2
+page=$(ct man -w pve-dbus-vmstate) || fail "man -w pve-dbus-vmstate finds no page"
+[ "$page" = /usr/share/man/man8/pve-dbus-vmstate.8.gz ] || fail "man page at $page"
+warnings=$(ct env MANWIDTH=80 man --warnings pve-dbus-vmstate 2>&1 >/dev/null) || fail "man pve-dbus-vmstate"
+[ -z "$warnings" ] || fail "man page warnings: $warnings"
+rendered=$(ct env MANWIDTH=80 man pve-dbus-vmstate) || fail "man pve-dbus-vmstate"
+grep -q '^COMMANDS' <<<"$rendered" || fail "the rendered page has no COMMANDS section"
 journal() {  # priority and message of the unit's lines from the helper itself
     ct journalctl -b -u "$1" -o json --no-pager | python3 -c '
 import json, sys
