@@ -4,6 +4,7 @@
 # unit for real under trixie's systemd, D-Bus and QEMU:
 #   - `systemctl start pve-dbus-vmstate@100` returns only once QEMU has the object;
 #   - Save works under the unit's hardening; journal priorities are right;
+#   - `decode` of that Save's payload, as nobody, lists what conntrack -L does;
 #   - nobody is refused by the real system bus with the installed policy;
 #   - Quit and `systemctl stop` remove the QEMU object;
 #   - a start without QEMU and a bad VMID fail with one error line, and the
@@ -91,8 +92,17 @@ journal pve-dbus-vmstate@100 | grep '^6 helper for VM 100 ready: ' >/dev/null ||
 echo "--- Save under the unit's hardening; nobody refused by the installed policy" >&2
 printf -- '-A -t 600 -s 10.0.0.%d -d 192.0.2.1 -p tcp --sport 4000 --dport 443 --state ESTABLISHED -u ASSURED --mark 100\n' \
     1 2 3 | ct conntrack --load-file -
-ct busctl call com.proxmox.VMStateHelper.VM100 /org/qemu/VMState1 org.qemu.VMState1 Save >/dev/null || fail "Save"
+saved=$(ct busctl --json=short call com.proxmox.VMStateHelper.VM100 /org/qemu/VMState1 org.qemu.VMState1 Save) \
+    || fail "Save"
 journal pve-dbus-vmstate@100 | grep '^6 Save: 3 entries with mark 100, sent 3' >/dev/null || fail "Save line"
+echo "--- decode: that Save's payload, by the installed helper as nobody, equals conntrack -L" >&2
+decoded=$(printf '%s' "$saved" | python3 -c 'import json, sys; sys.stdout.buffer.write(bytes(json.load(sys.stdin)["data"][0]))' \
+    | ct setpriv --reuid=nobody --regid=nogroup --clear-groups /usr/libexec/pve-dbus-vmstate decode --mark 100 -) \
+    || fail "decode exited with $?"
+grep -q '^# format: hybrid' <<<"$decoded" || fail "decode: not hybrid: $decoded"
+grep -q '^# entries: 3, ' <<<"$decoded" || fail "decode: not 3 entries: $decoded"
+[ "$(grep -v '^#' <<<"$decoded" | sed -e 's/ -t [0-9]*//' -e 's/ --mark 100$//' | sort)" \
+  = "$(ct conntrack -L --mark 100 -o save 2>/dev/null | sed 's/ -t [0-9]*//' | sort)" ] || fail "decode: $decoded"
 for call in "org.qemu.VMState1 Save" "com.proxmox.VMStateHelper Quit"; do
     # shellcheck disable=SC2086
     out=$(ct setpriv --reuid=nobody --regid=nogroup --clear-groups busctl call \
