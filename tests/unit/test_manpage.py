@@ -111,3 +111,9 @@ def test_renders_without_warnings() -> None:
                                      "DIAGNOSTICS"])
 def test_has_section(section: str) -> None:
     assert section in sections(page(), ".SH")
+
+
+def test_names_this_version() -> None:
+    from pvevmstate import __version__
+
+    assert '"pve-dbus-vmstate %s"' % __version__ in page().splitlines()[3]
