@@ -6,13 +6,12 @@ import argparse
 import asyncio
 import logging
 import os
-import re
 import signal
 import sys
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING
 
-from . import __version__, logsetup
+from . import __version__, commands, logsetup
 
 if TYPE_CHECKING:  # the payload package is imported when a parser is built, not for --cleanup's quick exit
     from .payload import Choice
@@ -21,25 +20,10 @@ EXIT_FAILURE = 1
 EXIT_USAGE = 2
 PROG = "pve-dbus-vmstate"
 log = logging.getLogger("pvevmstate")
-# Proxmox VMIDs: 100 .. 999999999, written without leading zeros.
-_VMID = re.compile(r"[1-9][0-9]{2,8}")
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        # One readable line, at error priority, for the journal.
-        self.exit(EXIT_USAGE, "<3>%s: %s\n" % (self.prog, message))
-
-
-def vmid(text: str) -> int:
-    """Parse a VMID as systemd passes it (``%i``).
-
-    :raises argparse.ArgumentTypeError: unless it is an integer 100..999999999
-    """
-    if not _VMID.fullmatch(text):
-        raise argparse.ArgumentTypeError(
-            "invalid VMID %r: expected a whole number from 100 to 999999999" % text[:64])
-    return int(text)
+_Parser = commands.Parser
+vmid = commands.vmid
 
 
 def seconds(text: str) -> float:
@@ -163,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "as ExecStopPost")
     parser.add_argument("--debug", action="store_true", help="log at debug level, with tracebacks")
     parser.add_argument("--version", action="version", version="%(prog)s " + __version__)
+
+    commands.describe(parser)
     return parser
 
 
@@ -184,6 +170,11 @@ def main(argv: list[str] | None = None) -> int:
     from .qemu import cleanup
 
     argv = sys.argv[1:] if argv is None else argv
+
+    if argv and argv[0] in commands.COMMANDS:
+        # A word that is never a VMID: dispatched before the VMID parser,
+        # and without loading the daemon, D-Bus or netlink modules.
+        return commands.run(argv)
     if "--cleanup" in argv and not cleanup.needed(os.environ):
         return 0  # before parsing: a bad VMID already had its one journal line
     parser = build_parser()

@@ -9,7 +9,9 @@ and while one does.
 
 from __future__ import annotations
 
+import argparse
 import json
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -97,3 +99,41 @@ def make(vmid: int, dump: Callable[[int], Sequence[Entry]]) -> Preview:
         formats.append(FormatPreview(choice.value, len(out.data), out.sent, _perl_receives(out),
                                      dict(left), round(ms, 1)))
     return Preview(vmid, len(entries), dict(by_class), expected, round(dump_ms, 1), formats)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of ``preview`` (its --help documents every option)."""
+    from .commands import Parser, vmid
+
+    parser = Parser(
+        prog="pve-dbus-vmstate preview",
+        description="Dump VM VMID's conntrack entries (CONNMARK == VMID) from the table of the current "
+                    "network namespace (the host's) and print what a migration would carry now: the "
+                    "entries by priority class and, for each --format, the payload's bytes, how many "
+                    "entries fit, how many a destination running the Perl helper would create, what "
+                    "would be left out by class, and how long the dump and each encoding took. Read-only: "
+                    "it creates, changes and deletes no entry and touches neither the bus nor QEMU.",
+        epilog="Needs root (CAP_NET_ADMIN, for netlink). Exit status: 0 printed, 1 the table cannot be "
+               "read, 2 bad usage.",
+    )
+    parser.add_argument("vmid", type=vmid, metavar="VMID", help="the VM (100..999999999)")
+    parser.add_argument("--json", action="store_true", help="print the same as one JSON object, for scripts")
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    """``preview``: 0 printed, 1 the table cannot be read."""
+    from .errors import VMStateError
+    from .netlink.conntrack import Conntrack
+
+    try:
+        table = Conntrack()
+        try:
+            found = make(args.vmid, table.dump)
+        finally:
+            table.close()
+    except VMStateError as err:
+        sys.stderr.write("<3>pve-dbus-vmstate preview: cannot read the conntrack table: %s\n" % err)
+        return 1
+    print(found.as_json() if args.json else found.as_text())
+    return 0

@@ -10,7 +10,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 venv=${VENV:-.venv}
-packages=(dbus-daemon conntrack iproute2 nftables systemd qemu-system-x86 libnet-dbus-perl python3 python3-venv python3-pip)
+packages=(dbus-daemon conntrack iproute2 nftables systemd qemu-system-x86 libnet-dbus-perl python3 python3-venv python3-pip
+          man-db)  # man-db (with groff-base): tests/unit/test_manpage.py renders the man page
 missing=()
 for pkg in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

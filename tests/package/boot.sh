@@ -6,6 +6,8 @@
 #   - Save works under the unit's hardening; journal priorities are right;
 #   - the ready, Save, Load and exit lines reach journald natively with their
 #     fields (journalctl -o json), each line once;
+#   - `decode` of that Save's payload, as nobody, lists what conntrack -L does;
+#   - `pve-dbus-vmstate preview 100` (the /usr/sbin link) counts the same entries;
 #   - nobody is refused by the real system bus with the installed policy;
 #   - Quit and `systemctl stop` remove the QEMU object;
 #   - a start without QEMU and a bad VMID fail with one error line, and the
@@ -13,7 +15,8 @@
 #   - the environment file: shipped inert, a bad value fails the start with one
 #     line, a good one is used;
 #   - a killed helper's object is removed by ExecStopPost;
-#   - stopping the bus stops the helper first (the order at host shutdown).
+#   - stopping the bus stops the helper first (the order at host shutdown);
+#   - `man -w pve-dbus-vmstate` finds the installed page, which renders cleanly.
 # Needs root and systemd-nspawn (package systemd-container).
 set -euo pipefail
 root=${TRIXIE_ROOT:-/var/tmp/pvevmstate-trixie}
@@ -51,6 +54,14 @@ done
 echo "container $machine: systemd $(ct systemctl --version | head -1 | cut -d' ' -f2) is $state" >&2
 
 fail() { echo "FAILED: $*" >&2; exit 1; }
+
+echo "--- the man page: installed where man finds it, and it renders without warnings" >&2
+page=$(ct man -w pve-dbus-vmstate) || fail "man -w pve-dbus-vmstate finds no page"
+[ "$page" = /usr/share/man/man8/pve-dbus-vmstate.8.gz ] || fail "man page at $page"
+warnings=$(ct env MANWIDTH=80 man --warnings pve-dbus-vmstate 2>&1 >/dev/null) || fail "man pve-dbus-vmstate"
+[ -z "$warnings" ] || fail "man page warnings: $warnings"
+rendered=$(ct env MANWIDTH=80 man pve-dbus-vmstate) || fail "man pve-dbus-vmstate"
+grep -q '^COMMANDS' <<<"$rendered" || fail "the rendered page has no COMMANDS section"
 journal() {  # priority and message of the unit's lines from the helper itself
     ct journalctl -b -u "$1" -o json --no-pager | python3 -c '
 import json, sys
@@ -98,8 +109,23 @@ journal pve-dbus-vmstate@100 | grep '^6 helper for VM 100 ready: ' >/dev/null ||
 echo "--- Save under the unit's hardening; nobody refused by the installed policy" >&2
 printf -- '-A -t 600 -s 10.0.0.%d -d 192.0.2.1 -p tcp --sport 4000 --dport 443 --state ESTABLISHED -u ASSURED --mark 100\n' \
     1 2 3 | ct conntrack --load-file -
-ct busctl call com.proxmox.VMStateHelper.VM100 /org/qemu/VMState1 org.qemu.VMState1 Save >/dev/null || fail "Save"
+saved=$(ct busctl --json=short call com.proxmox.VMStateHelper.VM100 /org/qemu/VMState1 org.qemu.VMState1 Save) \
+    || fail "Save"
 journal pve-dbus-vmstate@100 | grep '^6 Save: 3 entries with mark 100, sent 3' >/dev/null || fail "Save line"
+echo "--- decode: that Save's payload, by the installed helper as nobody, equals conntrack -L" >&2
+decoded=$(printf '%s' "$saved" | python3 -c 'import json, sys; sys.stdout.buffer.write(bytes(json.load(sys.stdin)["data"][0]))' \
+    | ct setpriv --reuid=nobody --regid=nogroup --clear-groups /usr/libexec/pve-dbus-vmstate decode --mark 100 -) \
+    || fail "decode exited with $?"
+grep -q '^# format: hybrid' <<<"$decoded" || fail "decode: not hybrid: $decoded"
+grep -q '^# entries: 3, ' <<<"$decoded" || fail "decode: not 3 entries: $decoded"
+[ "$(grep -v '^#' <<<"$decoded" | sed -e 's/ -t [0-9]*//' -e 's/ --mark 100$//' | sort)" \
+  = "$(ct conntrack -L --mark 100 -o save 2>/dev/null | sed 's/ -t [0-9]*//' | sort)" ] || fail "decode: $decoded"
+echo "--- preview through /usr/sbin: the host table's 3 entries of VM 100, read-only" >&2
+previewed=$(ct pve-dbus-vmstate preview 100 --json) || fail "preview exited with $?"
+python3 -c 'import json, sys; p = json.loads(sys.argv[1]); assert p["entries"] == 3, p
+assert {f["format"]: f["sent"] for f in p["formats"]} == {"auto": 3, "text": 3, "compact": 3}, p' "$previewed" \
+    || fail "preview: $previewed"
+[ "$(ct conntrack -L --mark 100 2>/dev/null | wc -l)" = 3 ] || fail "preview changed the table"
 for call in "org.qemu.VMState1 Save" "com.proxmox.VMStateHelper Quit"; do
     # shellcheck disable=SC2086
     out=$(ct setpriv --reuid=nobody --regid=nogroup --clear-groups busctl call \

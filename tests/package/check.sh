@@ -21,7 +21,9 @@ root_packages=(debhelper dh-python pybuild-plugin-pyproject python3-all python3-
             python3-pytest python3-sdbus python3-pyroute2 dbus-daemon lintian dpkg-dev fakeroot
             systemd git build-essential
             # for boot.sh, which runs the installed unit under this root's systemd
-            dbus systemd-sysv qemu-system-x86 conntrack)
+            dbus systemd-sysv qemu-system-x86 conntrack
+            # the build's tests/unit/test_manpage.py renders the page; boot.sh looks it up with man -w
+            man-db)
 
 step() { printf '\n=== %s\n' "$*" >&2; }
 
