@@ -11,7 +11,7 @@ import sys
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-from . import __version__, commands, logsetup
+from . import __version__, commands, logsetup, messages
 
 if TYPE_CHECKING:  # the payload package is imported when a parser is built, not for --cleanup's quick exit
     from .payload import Choice
@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _run(args)
     except Exception as err:
-        log.error("%s: unexpected error: %s: %s", PROG, type(err).__name__, err)
+        log.error(messages.UNEXPECTED, PROG, type(err).__name__, err)
         log.debug("unexpected error", exc_info=True)
         return EXIT_FAILURE
 

@@ -52,6 +52,7 @@ from sdbus.sd_bus_internals import (
     NameReplaceExistingFlag,
 )
 
+from . import messages
 from .dbus.api import (
     BUS_DRIVER_NAME,
     BUS_DRIVER_PATH,
@@ -228,9 +229,7 @@ class Daemon:
             return
         if name not in self._ignored:
             self._ignored.add(name)
-            log.warning("already stopping (%s), ignoring %s until every pending Save/Load is answered "
-                        "(at most %.0f s) and the QEMU object is removed; SIGKILL ends the helper at once",
-                        self._reason, name, DRAIN_TIMEOUT)
+            log.warning(messages.ALREADY_STOPPING, self._reason, name, DRAIN_TIMEOUT)
 
     def work_done(self, member: str) -> None:
         """Follow the migration and start the linger period after an answered Save or Load."""
@@ -310,7 +309,7 @@ class Daemon:
 
     def _log_exit(self) -> None:
         # No reason means an exception is on its way out, and main() exits with 1.
-        log.info("helper for VM %d exiting: %s", self.settings.vmid, self._reason or "error",
+        log.info(messages.EXITING, self.settings.vmid, self._reason or "error",
                  extra=fields(VMID=self.settings.vmid, REASON=self._reason or "error",
                               EXIT_STATUS=self._exit if self._reason else EXIT_FAILURE))
 
@@ -320,12 +319,11 @@ class Daemon:
             unique = await self._take_names(bus, driver, names)
             await self._register()
             sd_notify("READY=1\nSTATUS=serving %s" % helper_id(vmid))
-            log.info("helper for VM %d ready: Id %s, bus names %s and %s, unique name %s, QEMU %s",
-                     vmid, helper_id(vmid), helper_bus_name(vmid), VMSTATE_NAME, unique,
+            log.info(messages.READY, vmid, helper_id(vmid), helper_bus_name(vmid), VMSTATE_NAME, unique,
                      self.qemu.qmp_socket, extra=fields(VMID=vmid, HELPER_ID=helper_id(vmid), UNIQUE_NAME=unique))
             assert self._stop is not None
             await self._stop.wait()
-            log.log(logging.ERROR if self._exit else logging.INFO, "stopping: %s", self._reason)
+            log.log(logging.ERROR if self._exit else logging.INFO, messages.STOPPING, self._reason)
             return self._exit
         except (BusError, SdBusBaseError) as err:
             log.error("D-Bus start-up failed: %s", err)
@@ -353,17 +351,17 @@ class Daemon:
         replaced = await qemu.add()
         self._registered = True
         if replaced:
-            log.warning("replaced a left-over dbus-vmstate object in the QEMU of VM %d", self.settings.vmid)
+            log.warning(messages.REPLACED_LEFT_OVER, self.settings.vmid)
 
     async def _unregister(self, why: str) -> None:
         if not self._registered:
             return
         try:
             if await self.qemu.remove():
-                log.info("removed the dbus-vmstate object from QEMU: %s", why)
+                log.info(messages.OBJECT_REMOVED, why)
         except QMPError as err:
             # Most often the VM has already been stopped; then there is nothing to remove.
-            log.info("could not remove the dbus-vmstate object from QEMU (%s): %s", why, err)
+            log.info(messages.OBJECT_NOT_REMOVED, why, err)
         # Not in a finally: a removal cut short by cancellation is tried again at teardown.
         self._registered = False
 
@@ -447,7 +445,7 @@ class Daemon:
         own = helper_bus_name(self.settings.vmid)
         async for name in driver.name_lost.catch():
             if name == own:
-                log.warning("a newer helper for VM %d took over %s", self.settings.vmid, own)
+                log.warning(messages.TAKEN_OVER, self.settings.vmid, own)
                 self._registered = False  # the QEMU object is the newer helper's now
                 self.stop("replaced by a newer helper")
             elif name == VMSTATE_NAME:

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from . import journal, payload
+from . import journal, messages, payload
 from .errors import errno_text
 from .model import CreateResult, Entry, TableStats
 
@@ -187,13 +187,11 @@ class VMState:
         for code, count in sorted(result.failed.items()):
             log.warning("Load: kernel refused %d entries: %s", count, errno_text(code))
         if result.remapped:
-            log.warning("Load: %d entries created with another NAT mapping: the one they had is held "
-                        "by another entry on this host", result.remapped)
+            log.warning(messages.LOAD_REMAPPED, result.remapped)
         if report.left_out:
             before = report.before
             assert before is not None
-            log.warning("Load: left out %d entries to keep the conntrack table below %d of its %d "
-                        "(it held %d): %s", sum(report.left_out.values()), report.ceiling, before.maximum,
+            log.warning(messages.LOAD_TABLE_FULL, sum(report.left_out.values()), report.ceiling, before.maximum,
                         before.count, ", ".join("%d %s" % (report.left_out[c], c)
                                                 for c in payload.CLASSES if report.left_out[c]))
         failed = result.failed_total

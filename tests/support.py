@@ -25,6 +25,8 @@ from typing import Any, Protocol
 
 import pytest
 
+from pvevmstate import messages
+
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "tests" / "data" / "examples.save"
 _counter = itertools.count()
@@ -384,7 +386,7 @@ class Helper:
             if self.proc.poll() is not None:
                 pytest.fail("helper %d exited with %s before it was ready:\n%s"
                             % (self.vmid, self.proc.returncode, self.journal()))
-            return " ready: " in self.journal()
+            return ready_line(self.vmid) in self.journal()
         wait_until(ready, timeout, "helper %d to be ready" % self.vmid)
 
     def wait_exit(self, timeout: float = 15) -> int:
@@ -542,6 +544,11 @@ def marked(node: Node, vmid: int) -> list[str]:
 
 
 # ------------------------------------------------------------------ client
+
+
+def ready_line(vmid: int) -> str:
+    """What the helper's journal says once it is ready (the fixed part)."""
+    return messages.READY.split(" Id ")[0] % vmid
 
 
 def save_lines(data: bytes) -> list[str]:

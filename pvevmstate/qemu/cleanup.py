@@ -15,6 +15,7 @@ import logging
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
+from .. import messages
 from ..errors import QMPError
 
 if TYPE_CHECKING:  # the daemon module pulls in sdbus; --cleanup's quick exit needs none of it
@@ -51,10 +52,10 @@ def run(settings: Settings) -> int:
     try:
         removed = asyncio.run(qemu.remove())
     except QMPError as err:
-        log.info("cleanup: nothing removed from the QEMU of VM %d: %s", vmid, err)
+        log.info(messages.CLEANUP_NOTHING, vmid, err)
         return 0
     if removed:
-        log.warning("cleanup: removed the dbus-vmstate object the helper of VM %d left behind", vmid)
+        log.warning(messages.CLEANUP_REMOVED, vmid)
     else:
-        log.info("cleanup: the QEMU of VM %d holds no dbus-vmstate object", vmid)
+        log.info(messages.CLEANUP_NONE_LEFT, vmid)
     return 0

@@ -40,6 +40,7 @@ from typing import Any
 from pyroute2 import netns
 from sdbus import SdBus
 
+from pvevmstate import messages
 from pvevmstate.dbus.api import VMSTATE_PATH, VMState1Interface, helper_bus_name
 from pvevmstate.netlink import NLMSG_DONE, NLMSG_ERROR, dump_request
 from pvevmstate.netlink.conntrack import open_netlink_socket
@@ -157,7 +158,7 @@ async def start_helper(ns: str, bus: PrivateBus, qemu: Qemu, log: Path, conn: Sd
     async def ready() -> bool:
         if helper.proc.poll() is not None:
             raise RuntimeError("helper exited: %s" % log.read_text())
-        return b" ready: " in log.read_bytes()
+        return (messages.READY.split(" Id ")[0] % VMID).encode() in log.read_bytes()
 
     t_named = await wait_for(named)
     t_ready = await wait_for(ready)

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from pvevmstate import netlink
+from pvevmstate import messages, netlink
 from pvevmstate.dbus.api import VMSTATE_PATH, VMState1Interface
 from pvevmstate.errors import ConntrackError
 from pvevmstate.netlink import conntrack as conntrack_mod
@@ -57,7 +57,7 @@ def test_qemu_killed_while_the_helper_runs(netns_factory: NetnsFactory, helper_f
     assert len(save_lines(client.save(client.vm(VMID)))) == 30
     client.quit_helper(client.vm(VMID))
     assert helper.wait_exit() == 0
-    assert "could not remove the dbus-vmstate object from QEMU" in helper.journal()
+    assert messages.head(messages.OBJECT_NOT_REMOVED) in helper.journal()
     _no_trace(None)
 
 
@@ -69,7 +69,7 @@ def test_qmp_socket_removed_while_the_helper_runs(netns_factory: NetnsFactory, h
     helper.signal(signal.SIGTERM)
     assert helper.wait_exit() == 0
     journal = helper.journal()
-    assert "could not remove the dbus-vmstate object from QEMU" in journal
+    assert messages.head(messages.OBJECT_NOT_REMOVED) in journal
     assert str(qemu.qmp_path) in journal  # says which socket it could not reach
     _no_trace(None)
 
@@ -198,7 +198,7 @@ def test_full_table_on_load_creates_nothing_and_answers(netns_factory: NetnsFact
     assert helper.wait_exit() == 0
     journal = helper.journal()
     # Nothing is even tried: a full table would evict or refuse.
-    assert "<4>Load: left out 100 entries to keep the conntrack table below" in journal, journal
+    assert "<4>" + messages.LOAD_TABLE_FULL.split(" %d of")[0] % 100 in journal, journal
     assert "created 0 entries" in journal and "failed 0" in journal and "left out 100" in journal
     assert count() == limit and len(ns.save_lines(VMID)) == 0
     _no_trace(helper.qemu)
@@ -293,7 +293,8 @@ def test_sigterm_during_a_save_still_answers_it(netns_factory: NetnsFactory, hel
     assert helper.wait_exit() == 0
     journal = helper.journal()
     # The stop waits for the Save in flight, then removes the object and exits.
-    assert (journal.index("stopping: SIGTERM") < journal.index("Save: 50000 entries")
-            < journal.index("removed the dbus-vmstate object") < journal.index("exiting: SIGTERM"))
+    assert (journal.index(messages.STOPPING % "SIGTERM") < journal.index("Save: 50000 entries")
+            < journal.index(messages.head(messages.OBJECT_REMOVED))
+            < journal.index(messages.EXITING % (VMID, "SIGTERM")))
     _no_trace(helper.qemu)
     wait_until(lambda: not client.has_owner(client.vm(VMID)), 5, "names released")

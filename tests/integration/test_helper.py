@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from pvevmstate import messages
 from pvevmstate.dbus.api import VMSTATE_NAME, helper_id
 from pvevmstate.model import IPS_SRC_NAT_DONE
 from pvevmstate.payload import MAX_PAYLOAD
@@ -210,7 +211,7 @@ def test_quit_ends_the_helper_and_releases_names(netns_factory: NetnsFactory, he
     assert helper.wait_exit() == 0
     assert not client.has_owner(client.vm(VMID))
     assert unique not in client.queued_owners()
-    assert "exiting: Quit called" in helper.journal()
+    assert messages.EXITING % (VMID, "Quit called") in helper.journal()
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
@@ -219,14 +220,14 @@ def test_signal_ends_the_helper(netns_factory: NetnsFactory, helper_factory: Hel
     helper.signal(sig)
     assert helper.wait_exit() == 0
     assert not client.has_owner(client.vm(VMID))
-    assert "exiting: %s" % signal.Signals(sig).name in helper.journal()
+    assert messages.EXITING % (VMID, signal.Signals(sig).name) in helper.journal()
 
 
 def test_exits_by_itself_after_work_and_linger(netns_factory: NetnsFactory, helper_factory: HelperFactory) -> None:
     helper = helper_factory(netns_factory(), VMID, "--linger", "0.5")
     client.save(client.vm(VMID))
     assert helper.wait_exit(10) == 0
-    assert "exiting: work done" in helper.journal()
+    assert messages.EXITING % (VMID, "work done") in helper.journal()
 
 
 def test_second_helper_replaces_the_first(netns_factory: NetnsFactory, helper_factory: HelperFactory) -> None:
@@ -235,7 +236,7 @@ def test_second_helper_replaces_the_first(netns_factory: NetnsFactory, helper_fa
     first_unique = client.owner(client.vm(VMID))
     second = helper_factory(ns, VMID)
     assert first.wait_exit() == 0
-    assert "took over" in first.journal()
+    assert messages.TAKEN_OVER % (VMID, client.vm(VMID)) in first.journal()
     second_unique = client.owner(client.vm(VMID))
     assert second_unique != first_unique
     owners = client.queued_owners()

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pvevmstate import messages
 from pvevmstate.payload import MAX_PAYLOAD
 from tests import client
 from tests.support import (
@@ -167,7 +168,7 @@ def test_failed_migration_after_save_leaves_no_object_on_the_source(nodes: Any, 
     assert "pve-vmstate" not in m.src_qemu.objects()
     assert m.src_qemu.status() == "running"
     assert "outgoing migration failed after Save" in m.src.journal()
-    assert "exiting: migration failed" in m.src.journal()
+    assert messages.EXITING % (100, "migration failed") in m.src.journal()
     assert not client.has_owner(client.vm(100), address=source.bus.address)
     # Its entries are still in the source table, as they were.
     assert len(source.ns.save_lines(100)) == 100
@@ -202,7 +203,7 @@ def test_left_over_object_then_a_migration_without_helpers(nodes: Any, tmp_path:
 
     # What the unit's ExecStopPost runs after a killed helper.
     code, err = run_cleanup(src_qemu)
-    assert code == 0 and "removed the dbus-vmstate object" in err
+    assert code == 0 and messages.CLEANUP_REMOVED % 100 in err
     status, dst = migrate_plainly("dst-clean")
     assert status == "completed"
     wait_until(lambda: dst.status() != "inmigrate", 30, "the destination to leave inmigrate")

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from pvevmstate import messages
 from tests import client
 from tests.support import (
     HelperFactory,
@@ -20,6 +21,7 @@ from tests.support import (
     QemuFactory,
     QMPFailed,
     helper_command,
+    ready_line,
     run_cleanup,
     wait_until,
 )
@@ -78,7 +80,7 @@ def test_ready_only_once_qemu_has_the_object(netns_factory: NetnsFactory, helper
         monkeypatch.setenv("NOTIFY_SOCKET", str(notify_path))
         helper = helper_factory(netns_factory(), VMID, qemu=qemu, ready=False)
         wait_until(lambda: has_object(qemu), 15, "QEMU to have the object before READY=1")
-        assert " ready: " not in helper.journal()
+        assert ready_line(VMID) not in helper.journal()
         notify.settimeout(15)
         received = [notify.recv(4096) for _ in range(filled + 1)]
         assert received[:filled] == [b"FILLER=1"] * filled
@@ -97,7 +99,7 @@ def test_left_over_object_is_replaced(netns_factory: NetnsFactory, helper_factor
                               "id-list": "pve-vmstate-999"})
     helper = helper_factory(netns_factory(), VMID, qemu=qemu)
     assert object_props(qemu) == (system_bus.address, "pve-vmstate-100")
-    assert "<4>replaced a left-over dbus-vmstate object" in helper.journal()
+    assert "<4>" + messages.REPLACED_LEFT_OVER % VMID in helper.journal()
 
 
 def run_failing(ns: Any, qmp: Path, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[bytes]:
@@ -151,7 +153,7 @@ def test_quit_removes_the_object(netns_factory: NetnsFactory, helper_factory: He
     client.quit_helper(client.vm(VMID))
     assert helper.wait_exit() == 0
     assert "pve-vmstate" not in qemu.objects()
-    assert "removed the dbus-vmstate object from QEMU" in helper.journal()
+    assert messages.head(messages.OBJECT_REMOVED) in helper.journal()
 
 
 def test_sigterm_removes_the_object(netns_factory: NetnsFactory, helper_factory: HelperFactory,
@@ -170,7 +172,7 @@ def test_quit_after_qemu_is_gone(netns_factory: NetnsFactory, helper_factory: He
     qemu.stop()
     client.quit_helper(client.vm(VMID))
     assert helper.wait_exit() == 0
-    assert "could not remove the dbus-vmstate object" in helper.journal()
+    assert messages.head(messages.OBJECT_NOT_REMOVED) in helper.journal()
 
 
 def test_replaced_helper_leaves_the_object_to_its_successor(netns_factory: NetnsFactory, helper_factory: HelperFactory,
@@ -180,7 +182,7 @@ def test_replaced_helper_leaves_the_object_to_its_successor(netns_factory: Netns
     second = helper_factory(ns, VMID, qemu=qemu)
     assert first.wait_exit() == 0
     assert "pve-vmstate" in qemu.objects()
-    assert "removed the dbus-vmstate object" not in first.journal()
+    assert messages.head(messages.OBJECT_REMOVED) not in first.journal()
     # The successor registered after the first had left and owns the object now.
     client.quit_helper(client.vm(VMID))
     assert second.wait_exit() == 0
@@ -212,11 +214,11 @@ def test_cleanup_removes_the_object_a_killed_helper_left(netns_factory: NetnsFac
     assert "pve-vmstate" in qemu.objects()
     code, err = run_cleanup(qemu)
     assert code == 0 and "pve-vmstate" not in qemu.objects()
-    assert err == "<4>cleanup: removed the dbus-vmstate object the helper of VM 100 left behind\n"
-    assert run_cleanup(qemu) == (0, "<6>cleanup: the QEMU of VM 100 holds no dbus-vmstate object\n")
+    assert err == "<4>%s\n" % (messages.CLEANUP_REMOVED % VMID)
+    assert run_cleanup(qemu) == (0, "<6>%s\n" % (messages.CLEANUP_NONE_LEFT % VMID))
     qemu.stop()
     code, err = run_cleanup(qemu)
-    assert code == 0 and err.startswith("<6>cleanup: nothing removed from the QEMU of VM 100: ")
+    assert code == 0 and err.startswith("<6>" + messages.CLEANUP_NOTHING.split(": %s")[0] % VMID + ": ")
 
 
 def test_cleanup_after_a_fatal_exit_removes_a_left_object(netns_factory: NetnsFactory, helper_factory: HelperFactory,
@@ -230,4 +232,4 @@ def test_cleanup_after_a_fatal_exit_removes_a_left_object(netns_factory: NetnsFa
     assert "pve-vmstate" in qemu.objects()
     code, err = run_cleanup(qemu, exit_code="exited", exit_status="1")
     assert code == 0 and "pve-vmstate" not in qemu.objects()
-    assert err == "<4>cleanup: removed the dbus-vmstate object the helper of VM 100 left behind\n"
+    assert err == "<4>%s\n" % (messages.CLEANUP_REMOVED % VMID)

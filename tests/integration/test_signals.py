@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from pvevmstate import messages
 from pvevmstate.payload import compact
 from pvevmstate.payload import savetext as codec
 from tests import client
@@ -63,7 +64,7 @@ def _signal_twice(helper: Helper, call: _Call, second: signal.Signals, member: s
     time.sleep(0.4)
     assert call.is_alive() and "%s:" % member not in helper.journal(), "the call ended too early for this test"
     helper.signal(signal.SIGTERM)
-    wait_until(lambda: "stopping: SIGTERM" in helper.journal(), 5, "the helper to start stopping")
+    wait_until(lambda: messages.STOPPING % "SIGTERM" in helper.journal(), 5, "the helper to start stopping")
     # The second kind of signal three times: logged once, ignored every time.
     for _ in range(3):
         helper.signal(second)
@@ -73,15 +74,15 @@ def _signal_twice(helper: Helper, call: _Call, second: signal.Signals, member: s
 def _check_journal(helper: Helper, second: signal.Signals, member: str) -> None:
     journal = helper.journal()
     assert "Traceback" not in journal and "KeyboardInterrupt" not in journal, journal
-    assert journal.count("already stopping") == 1, journal
+    assert journal.count(messages.head(messages.ALREADY_STOPPING)) == 1, journal
     ignoring = "ignoring %s" % second.name
     assert journal.count(ignoring) == 1, journal
     assert "<4>already stopping (SIGTERM), " + ignoring in journal, journal
     # Answered while stopping: no linger announced that will not happen.
     assert "exiting in" not in journal, journal
     # Stopping, the extra signal, the answer, the object gone, the exit: in this order.
-    order = ["stopping: SIGTERM", ignoring, "%s: " % member, "removed the dbus-vmstate object",
-             "exiting: SIGTERM"]
+    order = [messages.STOPPING % "SIGTERM", ignoring, "%s: " % member, messages.OBJECT_REMOVED % "the helper exits",
+             messages.EXITING % (VMID, "SIGTERM")]
     positions = [journal.index(mark) for mark in order]
     assert positions == sorted(positions), journal
 

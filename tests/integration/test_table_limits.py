@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from pvevmstate import messages
 from pvevmstate.model import IPS_ASSURED, IPS_SEEN_REPLY, PROTO_TCP, PROTO_UDP, Entry
 from pvevmstate.netlink.conntrack import Conntrack
 from pvevmstate.payload import compact
@@ -97,7 +98,7 @@ def test_load_into_a_nearly_full_table_evicts_nothing(netns_factory: NetnsFactor
     assert after.count <= ceiling and created == ceiling - 240_000 > 0
     assert client.count(client.vm(VMID)) == created
     journal = helper.journal()
-    assert "<4>Load: left out %d entries to keep the conntrack table below %d" % (30_000 - created, ceiling) \
+    assert "<4>" + messages.LOAD_TABLE_FULL.split(" of its")[0] % (30_000 - created, ceiling) \
         in journal, journal
 
 
@@ -156,7 +157,7 @@ def test_nat_mapping_taken_on_the_destination_is_reported(netns_factory: NetnsFa
     assert got["10.0.0.2"] == 2000
     assert got["10.0.0.1"] != 1000  # the kernel moved it: that must not pass silently
     journal = helper.journal()
-    assert "<4>Load: 1 entries created with another NAT mapping" in journal, journal
+    assert "<4>" + messages.LOAD_REMAPPED % 1 in journal, journal
     assert "created 2 entries" in journal
 
 

@@ -8,12 +8,13 @@ import subprocess
 
 import pytest
 
+from pvevmstate import messages
 from tests.support import REPO, NetnsFactory, PrivateBus, helper_command, require
 
 
 @pytest.mark.parametrize(("nofile", "line"), [
     # Python starts, but asyncio cannot make its event loop (epoll and its self-pipe).
-    (5, "<3>pve-dbus-vmstate: unexpected error: OSError: [Errno 24] Too many open files"),
+    (5, "<3>" + messages.UNEXPECTED % ("pve-dbus-vmstate", "OSError", "[Errno 24] Too many open files")),
     # The loop is there; the ctnetlink socket is one descriptor too many.
     (6, "<3>cannot use the conntrack table: cannot open a ctnetlink socket: EMFILE (Too many open files)"),
 ])

@@ -13,9 +13,11 @@ from typing import Any
 import pytest
 
 from pvevmstate import __main__ as cli
-from pvevmstate import daemon
+from pvevmstate import daemon, messages
 from pvevmstate.errors import ConntrackError
 from pvevmstate.netlink.conntrack import Conntrack
+
+EMFILE_LINE = "<3>" + messages.UNEXPECTED % ("pve-dbus-vmstate", "OSError", "[Errno 24] Too many open files")
 
 
 @pytest.fixture(autouse=True)
@@ -45,7 +47,7 @@ def test_unexpected_error_is_one_error_line_and_exit_1(monkeypatch: pytest.Monke
     _fail_to_start(monkeypatch)
     assert cli.main(["100", "--qmp-socket", "/nonexistent"]) == 1
     err = capsys.readouterr().err
-    assert err.splitlines() == ["<3>pve-dbus-vmstate: unexpected error: OSError: [Errno 24] Too many open files"]
+    assert err.splitlines() == [EMFILE_LINE]
 
 
 def test_unexpected_error_with_debug_has_the_traceback_at_debug(monkeypatch: pytest.MonkeyPatch,
@@ -54,7 +56,7 @@ def test_unexpected_error_with_debug_has_the_traceback_at_debug(monkeypatch: pyt
     assert cli.main(["100", "--qmp-socket", "/nonexistent", "--debug"]) == 1
     lines = capsys.readouterr().err.splitlines()
     assert [ln for ln in lines if ln.startswith("<3>")] == [
-        "<3>pve-dbus-vmstate: unexpected error: OSError: [Errno 24] Too many open files"]
+        EMFILE_LINE]
     assert "<7>Traceback (most recent call last):" in lines
     assert any(ln.startswith("<7>") and "raise OSError(errno.EMFILE" in ln for ln in lines)
     # Every line carries a priority: nothing reaches the journal unprefixed.
