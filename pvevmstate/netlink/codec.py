@@ -427,16 +427,28 @@ def decode_dump(buf: bytes, size: int, seq: int, out: list[Entry],
     return chunk
 
 
-def iter_acks(buf: bytes, size: int) -> Iterator[tuple[int, int]]:
-    """Yield ``(seq, errno)`` for each NLMSG_ERROR (0 = ACK) in a datagram."""
+def _messages(buf: bytes, size: int, strict: bool = False) -> Iterator[tuple[int, int, int, int]]:
+    """``(offset, length, type, seq)`` of each netlink message in a datagram.
+
+    A truncated message ends the walk, or raises with ``strict``. (decode_dump
+    walks inline instead: it runs once per entry inside the VM's downtime.)
+    """
     off = 0
     while off + 16 <= size:
         mlen, mtype, _flags, mseq, _pid = _hdr_from(buf, off)
         if mlen < 16 or off + mlen > size:
+            if strict:
+                raise ConntrackError("truncated netlink message from the kernel")
             return
+        yield off, mlen, mtype, mseq
+        off += (mlen + 3) & ~3
+
+
+def iter_acks(buf: bytes, size: int) -> Iterator[tuple[int, int]]:
+    """Yield ``(seq, errno)`` for each NLMSG_ERROR (0 = ACK) in a datagram."""
+    for off, mlen, mtype, mseq in _messages(buf, size):
         if mtype == NLMSG_ERROR and mlen >= 20:
             yield mseq, -_ERRCODE.unpack_from(buf, off + 16)[0]
-        off += (mlen + 3) & ~3
 
 
 def iter_get_replies(buf: bytes, size: int,
@@ -445,18 +457,13 @@ def iter_get_replies(buf: bytes, size: int,
 
     A found entry comes as ``(seq, entry, 0)``, a refusal as ``(seq, None, errno)``.
     """
-    off = 0
-    while off + 16 <= size:
-        mlen, mtype, _flags, mseq, _pid = _hdr_from(buf, off)
-        if mlen < 16 or off + mlen > size:
-            return
+    for off, mlen, mtype, mseq in _messages(buf, size):
         if mtype == IPCTNL_MSG_CT_NEW and mlen >= 20:
             yield mseq, layouts.decode_message(buf, off, mlen), 0
         elif mtype == NLMSG_ERROR and mlen >= 20:
             code = -_ERRCODE.unpack_from(buf, off + 16)[0]
             if code:
                 yield mseq, None, code
-        off += (mlen + 3) & ~3
 
 
 def stats_request(seq: int) -> bytes:
@@ -474,11 +481,7 @@ def decode_stats(buf: bytes, size: int, seq: int) -> tuple[int, int | None] | No
 
     :raises ConntrackError: when the kernel refused the request
     """
-    off = 0
-    while off + 16 <= size:
-        mlen, mtype, _flags, mseq, _pid = _hdr_from(buf, off)
-        if mlen < 16 or off + mlen > size:
-            raise ConntrackError("truncated netlink message from the kernel")
+    for off, mlen, mtype, mseq in _messages(buf, size, strict=True):
         if mseq == seq:
             if mtype == NLMSG_ERROR and mlen >= 20:
                 code = -_ERRCODE.unpack_from(buf, off + 16)[0]
@@ -500,7 +503,6 @@ def decode_stats(buf: bytes, size: int, seq: int) -> tuple[int, int | None] | No
                 if count is None:
                     raise ConntrackError("conntrack statistics without an entry count")
                 return count, maximum
-        off += (mlen + 3) & ~3
     return None
 
 

@@ -260,3 +260,24 @@ def test_the_walker_is_written_from_the_table() -> None:
     for node in netlink.TABLE:
         if isinstance(node, netlink.Nest) and node.type not in (netlink.CTA_NAT_SRC, netlink.CTA_NAT_DST):
             assert "# " + node.name in src
+
+
+def _stats_reply(seq: int, count: int, maximum: int | None) -> bytes:
+    attrs = struct.pack("=HH", 8, netlink.CTA_STATS_GLOBAL_ENTRIES) + struct.pack("!I", count)
+    if maximum is not None:
+        attrs += struct.pack("=HH", 8, netlink.CTA_STATS_GLOBAL_MAX_ENTRIES) + struct.pack("!I", maximum)
+    body = b"\x00\x00\x00\x00" + attrs
+    return struct.pack("=IHHII", 16 + len(body), netlink.IPCTNL_MSG_CT_GET_STATS, 0, seq, 0) + body
+
+
+def test_decode_stats_reads_the_count_and_the_maximum() -> None:
+    reply = _stats_reply(7, 1234, 262144)
+    assert netlink.decode_stats(reply, len(reply), 7) == (1234, 262144)
+    assert netlink.decode_stats(reply, len(reply), 8) is None  # another request's answer
+    old = _stats_reply(7, 5, None)
+    assert netlink.decode_stats(old, len(old), 7) == (5, None)
+    with pytest.raises(ConntrackError, match="truncated"):
+        netlink.decode_stats(reply, len(reply) - 1, 7)
+    refused = struct.pack("=IHHII", 20, netlink.NLMSG_ERROR, 0, 7, 0) + struct.pack("=i", -1)
+    with pytest.raises(ConntrackError, match="refused"):
+        netlink.decode_stats(refused, len(refused), 7)
