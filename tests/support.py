@@ -7,6 +7,7 @@ network namespace, and every process is stopped by its PID.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -21,11 +22,14 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import pytest
 
 from pvevmstate import messages
+
+if TYPE_CHECKING:  # the bus tests import this module and need no netlink
+    from pvevmstate.netlink.conntrack import Conntrack
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "tests" / "data" / "examples.save"
@@ -544,6 +548,24 @@ def marked(node: Node, vmid: int) -> list[str]:
 
 
 # ------------------------------------------------------------------ client
+
+
+@contextlib.contextmanager
+def conntrack_table(ns: Netns) -> Iterator[Conntrack]:
+    """The namespace's conntrack table, through the helper's own netlink code."""
+    from pyroute2 import netns
+
+    from pvevmstate.netlink.conntrack import Conntrack
+
+    netns.pushns(ns.name)
+    try:
+        table = Conntrack()
+    finally:
+        netns.popns()
+    try:
+        yield table
+    finally:
+        table.close()
 
 
 def ready_line(vmid: int) -> str:

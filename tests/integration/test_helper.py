@@ -21,6 +21,7 @@ from tests.support import (
     HelperFactory,
     NetnsFactory,
     PrivateBus,
+    conntrack_table,
     example_lines,
     helper_command,
     realistic_lines,
@@ -313,19 +314,8 @@ def test_introspection_shows_both_interfaces(netns_factory: NetnsFactory, helper
 
 def kernel_entries(ns: Any, mark: int) -> list[Any]:
     """The namespace's entries with ``mark`` as our netlink code reads them."""
-    from pyroute2 import netns
-
-    from pvevmstate.netlink.conntrack import Conntrack
-
-    netns.pushns(ns.name)
-    try:
-        table = Conntrack()
-    finally:
-        netns.popns()
-    try:
+    with conntrack_table(ns) as table:
         return sorted(table.dump(mark), key=lambda e: (e.orig_src, e.sport or 0))
-    finally:
-        table.close()
 
 
 def test_compact_keeps_what_the_text_drops(netns_factory: NetnsFactory, helper_factory: HelperFactory) -> None:

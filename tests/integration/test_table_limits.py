@@ -5,40 +5,21 @@ the host's nf_conntrack_max)."""
 
 from __future__ import annotations
 
-import contextlib
 import re
 import socket
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from pvevmstate import messages
 from pvevmstate.model import IPS_ASSURED, IPS_SEEN_REPLY, PROTO_TCP, PROTO_UDP, Entry
-from pvevmstate.netlink.conntrack import Conntrack
 from pvevmstate.payload import compact
 from pvevmstate.vmstate import DEFAULT_TABLE_RESERVE, load_ceiling
 from tests import client
-from tests.support import HelperFactory, NetnsFactory
+from tests.support import HelperFactory, NetnsFactory, conntrack_table
 
 VMID, OTHER = 100, 101
 _ESTABLISHED = 3
-
-
-@contextlib.contextmanager
-def table(ns: Any) -> Iterator[Conntrack]:
-    """The namespace's conntrack table, through the helper's own netlink code."""
-    from pyroute2 import netns
-
-    netns.pushns(ns.name)
-    try:
-        t = Conntrack()
-    finally:
-        netns.popns()
-    try:
-        yield t
-    finally:
-        t.close()
 
 
 def flows(n: int, net: int, *, assured: bool, start: int = 0) -> list[Entry]:
@@ -59,13 +40,13 @@ def flows(n: int, net: int, *, assured: bool, start: int = 0) -> list[Entry]:
 
 
 def fill(ns: Any, entries: list[Entry], mark: int) -> None:
-    with table(ns) as t:
+    with conntrack_table(ns) as t:
         result = t.create(entries, mark)
     assert result.created == len(entries), result
 
 
 def counted(ns: Any, mark: int) -> int:
-    with table(ns) as t:
+    with conntrack_table(ns) as t:
         return len(t.dump(mark))
 
 
@@ -84,14 +65,14 @@ def test_load_into_a_nearly_full_table_evicts_nothing(netns_factory: NetnsFactor
     ns = netns_factory()
     fill(ns, flows(240_000, 1, assured=False), OTHER)
     payload = compact.encode(flows(30_000, 2, assured=True))
-    with table(ns) as t:
+    with conntrack_table(ns) as t:
         before = t.stats()
     assert before.count == 240_000
     helper = helper_factory(ns, VMID, "--table-reserve", "5")
     client.load(client.vm(VMID), payload)
     ceiling = load_ceiling(before.maximum, 5)
     assert ceiling < before.maximum // 100 * 95  # below the GC's early-drop threshold
-    with table(ns) as t:
+    with conntrack_table(ns) as t:
         after = t.stats()
     assert counted(ns, OTHER) == 240_000  # no neighbour evicted
     created = counted(ns, VMID)
@@ -114,7 +95,7 @@ def test_load_fills_up_to_the_reserve_most_important_first(netns_factory: NetnsF
     assert len(payload) < 64 << 10
     helper = helper_factory(ns, VMID)
     client.load(client.vm(VMID), payload)
-    with table(ns) as t:
+    with conntrack_table(ns) as t:
         after = t.stats()
         mine = t.dump(VMID)
     ceiling = load_ceiling(after.maximum, DEFAULT_TABLE_RESERVE)
@@ -152,7 +133,7 @@ def test_nat_mapping_taken_on_the_destination_is_reported(netns_factory: NetnsFa
     ]
     helper = helper_factory(ns, VMID)
     client.load(client.vm(VMID), "".join(ln + "\n" for ln in lines).encode())
-    with table(ns) as t:
+    with conntrack_table(ns) as t:
         got = {socket.inet_ntoa(e.orig_src): e.reply_dport for e in t.dump(VMID)}
     assert got["10.0.0.2"] == 2000
     assert got["10.0.0.1"] != 1000  # the kernel moved it: that must not pass silently
