@@ -156,15 +156,25 @@ def _encode_hybrid(entries: list[Entry], mark: int, limit: int) -> Payload:
     if n == 0:
         return _encode_text(entries, mark, limit)  # a limit too small for any section
     section = hybrid.armor(data, n)
+    room = limit - len(section)
     # The save lines go most important first even when all of them fit:
     # conntrack(8) stops at the first entry the destination's kernel refuses
-    # (one that exists already, say), and what follows is lost.
-    if ordered is None:
-        ordered = by_priority(entries)
-    lines, _ = _textable(ordered)
-    text = savetext.encode_text(lines, mark, limit - len(section))
+    # (one that exists already, say), and what follows is lost. Only as many
+    # as can fit are ordered and checked: behind a large compact section that
+    # is a few hundred of tens of thousands.
+    most = room // MIN_TEXT_LINE + 1  # more lines than this never fit
+    candidates = ordered if ordered is not None else priority.first(entries, most)
+    text = savetext.encode_text((e for e in candidates if savetext.text_problem(e) is None), mark, room,
+                                count_rest=False)
+    if not text.left_out and len(candidates) < len(entries):
+        # Lines conntrack cannot load were skipped and the candidates ran out
+        # before the room did: take them all, in order.
+        candidates = by_priority(entries)
+        text = savetext.encode_text((e for e in candidates if savetext.text_problem(e) is None), mark, room,
+                                    count_rest=False)
     body = section + text.data if text.sent else section
-    return Payload(body, Format.HYBRID, n, count_by_class(ordered[n:]), text_sent=text.sent)
+    left_out = count_by_class(ordered[n:]) if ordered is not None else Counter()
+    return Payload(body, Format.HYBRID, n, left_out, text_sent=text.sent)
 
 
 class Incoming:

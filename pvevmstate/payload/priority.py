@@ -49,6 +49,21 @@ def by_priority(entries: Sequence[Entry]) -> list[Entry]:
     return [entries[i] for i in order_of(entries)]
 
 
+def first(entries: Sequence[Entry], k: int) -> list[Entry]:
+    """The ``k`` most important of ``entries``, in :func:`by_priority` order.
+
+    Cheaper than sorting all when ``k`` is small (Save's save lines behind a
+    large compact section), and, like :func:`order`, the GIL is never held long:
+    ``heapq.nsmallest`` walks the keys in Python.
+    """
+    if k >= len(entries) or len(entries) > POSITION_LIMIT:
+        return by_priority(entries)[:k]
+    keys = (class_of(e.proto, e.status or 0, e.state) << _CLASS_SHIFT
+            | (_TIMEOUT_MAX - min(e.timeout or 0, _TIMEOUT_MAX)) << _POSITION_BITS | i
+            for i, e in enumerate(entries))
+    return [entries[key & _POSITION_MASK] for key in heapq.nsmallest(k, keys)]
+
+
 def order_of(entries: Sequence[Entry]) -> list[int]:
     """Positions of ``entries``, most important first (the order of :func:`by_priority`)."""
     if len(entries) > POSITION_LIMIT:

@@ -484,7 +484,8 @@ class TextPayload:
     left_out: int
 
 
-def encode_text(entries: Iterable[Entry], mark: int, limit: int = MAX_PAYLOAD) -> TextPayload:
+def encode_text(entries: Iterable[Entry], mark: int, limit: int = MAX_PAYLOAD,
+                count_rest: bool = True) -> TextPayload:
     """Build the Perl-compatible text payload, never longer than ``limit`` bytes.
 
     Entries that do not fit are counted in ``left_out``; the caller decides the
@@ -493,6 +494,9 @@ def encode_text(entries: Iterable[Entry], mark: int, limit: int = MAX_PAYLOAD) -
     :param entries: entries to send, most important first
     :param mark: the VM's mark, appended to every line as `` --mark MARK``
     :param limit: byte budget, at least 1
+    :param count_rest: go on through ``entries`` after the first that does not
+        fit, to count them (else ``left_out`` is 1 when any is left out, and
+        a lazy ``entries`` is not consumed further)
     """
     suffix = " --mark %d\n" % mark
     parts: list[str] = []
@@ -506,6 +510,8 @@ def encode_text(entries: Iterable[Entry], mark: int, limit: int = MAX_PAYLOAD) -
         # Save lines are ASCII, so characters == bytes.
         if size + len(line) > limit:
             left_out = 1
+            if not count_rest:
+                break
             continue
         parts.append(line)
         size += len(line)

@@ -107,3 +107,28 @@ def test_text_and_compact_choices_are_unchanged() -> None:
     assert len(sections(text.data)[1]) == 500
     binary = payload.encode(entries, MARK, fmt=payload.Choice.COMPACT)
     assert binary.format == payload.Format.COMPACT and binary.data.startswith(b"PVCT")
+
+
+@pytest.mark.parametrize("k", [0, 1, 17, 4096, 6000, 7000])
+def test_first_k_is_the_head_of_the_priority_order(k: int) -> None:
+    entries = table(6000, seed=9)
+    assert priority.first(entries, k) == priority.by_priority(entries)[:k]
+
+
+def test_save_lines_fill_the_room_when_the_most_important_cannot_be_lines() -> None:
+    # The most important entries carry two zones, which no save line can
+    # express (conntrack(8) refuses it): the save lines must come from the
+    # others and still fill what the compact section leaves.
+    import dataclasses
+
+    # More of them than lines could ever fit, so the first candidates are all
+    # of them and the others must be found beyond.
+    top = [dataclasses.replace(e, orig_zone=1, reply_zone=2, timeout=(e.timeout or 0) + 10**6)
+           for e in table(10_000, seed=10)]
+    assert savetext.text_problem(top[0]) is not None
+    entries = top + table(6000, seed=11)
+    out = payload.encode(entries, MARK)
+    assert out.sent == len(entries)
+    lines = sections(out.data)[1]
+    assert len(lines) == out.text_sent > 3000  # the room is full of the others' lines
+    assert len(out.data) + 400 > payload.MAX_PAYLOAD
