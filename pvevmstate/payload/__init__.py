@@ -249,7 +249,7 @@ class Incoming:
 
 
 def decode(data: bytes, mark: int) -> Decoded:
-    """Read any of the three payloads whole; never raises for bad input.
+    """Read any payload whole (for tools and tests; Load goes through Incoming); never raises for bad input.
 
     A compact payload that is unusable as a whole (corrupt, truncated, over
     its bounds) gives no entries and one refusal saying why.
