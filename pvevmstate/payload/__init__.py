@@ -114,6 +114,11 @@ def _textable(entries: Sequence[Entry]) -> tuple[list[Entry], Counter[str]]:
     return lines, not_text
 
 
+def _loadable(entries: Iterable[Entry]) -> Iterator[Entry]:
+    """The entries whose save line conntrack --load-file takes, lazily."""
+    return (e for e in entries if savetext.text_problem(e) is None)
+
+
 def _encode_text(entries: list[Entry], mark: int, limit: int) -> Payload:
     lines, not_text = _textable(entries)
     text = savetext.encode_text(lines, mark, limit)
@@ -164,14 +169,12 @@ def _encode_hybrid(entries: list[Entry], mark: int, limit: int) -> Payload:
     # is a few hundred of tens of thousands.
     most = room // MIN_TEXT_LINE + 1  # more lines than this never fit
     candidates = ordered if ordered is not None else priority.first(entries, most)
-    text = savetext.encode_text((e for e in candidates if savetext.text_problem(e) is None), mark, room,
-                                count_rest=False)
+    text = savetext.encode_text(_loadable(candidates), mark, room, count_rest=False)
     if not text.left_out and len(candidates) < len(entries):
         # Lines conntrack cannot load were skipped and the candidates ran out
         # before the room did: take them all, in order.
         candidates = by_priority(entries)
-        text = savetext.encode_text((e for e in candidates if savetext.text_problem(e) is None), mark, room,
-                                    count_rest=False)
+        text = savetext.encode_text(_loadable(candidates), mark, room, count_rest=False)
     body = section + text.data if text.sent else section
     left_out = count_by_class(ordered[n:]) if ordered is not None else Counter()
     return Payload(body, Format.HYBRID, n, left_out, text_sent=text.sent)
@@ -221,7 +224,7 @@ class Incoming:
     def _summaries(self) -> Iterator[tuple[int, int, int, int | None]]:
         if self._records is not None:
             return self._records.summaries()
-        return ((e.proto, e.timeout or 0, e.status or 0, e.state) for e in self._entries or ())
+        return priority.summaries(self._entries or ())
 
     def classes(self) -> list[int]:
         """The priority class of every item, in payload order."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import heapq
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 from ..model import IPS_ASSURED, PROTO_TCP, PROTO_UDP, TCP_STATE_ESTABLISHED, Entry
 
@@ -58,17 +58,19 @@ def first(entries: Sequence[Entry], k: int) -> list[Entry]:
     """
     if k >= len(entries) or len(entries) > POSITION_LIMIT:
         return by_priority(entries)[:k]
-    keys = (class_of(e.proto, e.status or 0, e.state) << _CLASS_SHIFT
-            | (_TIMEOUT_MAX - min(e.timeout or 0, _TIMEOUT_MAX)) << _POSITION_BITS | i
-            for i, e in enumerate(entries))
-    return [entries[key & _POSITION_MASK] for key in heapq.nsmallest(k, keys)]
+    return [entries[key & _POSITION_MASK] for key in heapq.nsmallest(k, _keys(summaries(entries)))]
 
 
 def order_of(entries: Sequence[Entry]) -> list[int]:
     """Positions of ``entries``, most important first (the order of :func:`by_priority`)."""
     if len(entries) > POSITION_LIMIT:
         return sorted(range(len(entries)), key=lambda i: priority_key(entries[i]))
-    return order((e.proto, e.timeout or 0, e.status or 0, e.state) for e in entries)
+    return order(summaries(entries))
+
+
+def summaries(entries: Iterable[Entry]) -> Iterator[tuple[int, int, int, int | None]]:
+    """``(protocol, timeout, status, state)`` of each entry, 0 where absent: what the order reads."""
+    return ((e.proto, e.timeout or 0, e.status or 0, e.state) for e in entries)
 
 
 def count_by_class(entries: Iterable[Entry]) -> Counter[str]:
@@ -92,7 +94,14 @@ _TIMEOUT_MAX = (1 << _TIMEOUT_BITS) - 1
 RUN = 4096
 
 
-def order(summaries: Iterable[tuple[int, int, int, int | None]]) -> list[int]:
+def _keys(items: Iterable[tuple[int, int, int, int | None]]) -> Iterator[int]:
+    # One int per item that sorts like (class, -timeout, position).
+    for i, (proto, timeout, status, state) in enumerate(items):
+        yield (class_of(proto, status, state) << _CLASS_SHIFT
+               | (_TIMEOUT_MAX - min(timeout, _TIMEOUT_MAX)) << _POSITION_BITS | i)
+
+
+def order(items: Iterable[tuple[int, int, int, int | None]]) -> list[int]:
     """Positions of items given as ``(protocol, timeout, status, state)``, most important first.
 
     Same order as :func:`by_priority`, without building entries (Load sorts
@@ -101,9 +110,7 @@ def order(summaries: Iterable[tuple[int, int, int, int | None]]) -> list[int]:
     so no single call holds the GIL for long (one ``list.sort`` of 50,000 keys
     holds it for ~20 ms).
     """
-    keys = [class_of(proto, status, state) << _CLASS_SHIFT
-            | (_TIMEOUT_MAX - min(timeout, _TIMEOUT_MAX)) << _POSITION_BITS | i
-            for i, (proto, timeout, status, state) in enumerate(summaries)]
+    keys = list(_keys(items))
     if len(keys) <= RUN:
         keys.sort()
         return [k & _POSITION_MASK for k in keys]
