@@ -22,7 +22,7 @@ from typing import Protocol
 import pytest
 
 from tests import client
-from tests.support import REPO, Netns, PrivateBus, Qemu, QemuFactory, require, wait_until
+from tests.support import REPO, HelperProcess, Netns, PrivateBus, Qemu, QemuFactory, require, wait_until
 
 PERL_HELPER = REPO / "tests" / "data" / "perl-helper.pl"
 QEMU_SERVER_STOP = REPO / "tests" / "data" / "qemu-server-stop.pl"
@@ -41,17 +41,13 @@ def require_perl() -> None:
 
 
 @dataclass
-class PerlHelper:
+class PerlHelper(HelperProcess):
     """A running stand-in; its stdout and stderr together are its journal."""
 
-    vmid: int
-    proc: subprocess.Popen[bytes]
-    log: Path
     bus: PrivateBus
     qemu: Qemu
 
-    def journal(self) -> str:
-        return self.log.read_text(errors="replace")
+    what = "Perl helper"
 
     def lines(self) -> list[str]:
         return self.journal().splitlines()
@@ -81,22 +77,6 @@ class PerlHelper:
                 return False
             return "pve-vmstate" in self.qemu.objects()
         wait_until(ready, timeout, "Perl helper %d to be queued and registered" % self.vmid, interval=0.05)
-
-    def wait_exit(self, timeout: float = 15) -> int:
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            pytest.fail("Perl helper %d still running after %.0f s:\n%s" % (self.vmid, timeout, self.journal()))
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
 
 
 class PerlHelperFactory(Protocol):

@@ -373,17 +373,45 @@ def qemu_factory(tmp_path: Path) -> Iterator[QemuFactory]:
 
 
 @dataclass
-class Helper:
-    """A helper process started the way systemd would, inside a namespace."""
+class HelperProcess:
+    """A helper process a test started (this one or the Perl stand-in); its output is its journal."""
 
     vmid: int
     proc: subprocess.Popen[bytes]
     log: Path
-    env: dict[str, str] = field(default_factory=dict)
-    qemu: Qemu | None = None
+
+    #: What failures call it.
+    what = "helper"
 
     def journal(self) -> str:
         return self.log.read_text(errors="replace")
+
+    def wait_exit(self, timeout: float = 15) -> int:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pytest.fail("%s %d still running after %.0f s:\n%s" % (self.what, self.vmid, timeout, self.journal()))
+
+    def signal(self, sig: int) -> None:
+        os.kill(self.proc.pid, sig)
+
+    def stop(self) -> None:
+        """SIGTERM, and SIGKILL after 10 s: by its PID, never by name."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@dataclass
+class Helper(HelperProcess):
+    """This helper, started the way systemd would, inside a namespace."""
+
+    env: dict[str, str] = field(default_factory=dict)
+    qemu: Qemu | None = None
 
     def wait_ready(self, timeout: float = 15) -> None:
         def ready() -> bool:
@@ -392,24 +420,6 @@ class Helper:
                             % (self.vmid, self.proc.returncode, self.journal()))
             return ready_line(self.vmid) in self.journal()
         wait_until(ready, timeout, "helper %d to be ready" % self.vmid)
-
-    def wait_exit(self, timeout: float = 15) -> int:
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            pytest.fail("helper %d still running after %.0f s:\n%s" % (self.vmid, timeout, self.journal()))
-
-    def signal(self, sig: int) -> None:
-        os.kill(self.proc.pid, sig)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
 
 
 def helper_command(ns: Netns | None, vmid: str, *args: str) -> list[str]:

@@ -200,13 +200,20 @@ def test_load_on_a_running_vm_removes_the_object(netns_factory: NetnsFactory, he
     assert "incoming migration finished, VM is running" in helper.journal()
 
 
-def test_cleanup_removes_the_object_a_killed_helper_left(netns_factory: NetnsFactory, helper_factory: HelperFactory,
-                                                        qemu_factory: QemuFactory) -> None:
+def object_left_by_a_killed_helper(netns_factory: NetnsFactory, helper_factory: HelperFactory,
+                                   qemu_factory: QemuFactory) -> Qemu:
+    """A QEMU whose helper was killed (SIGKILL, as the OOM killer would): its object is left."""
     qemu = qemu_factory("vm")
     helper = helper_factory(netns_factory(), VMID, qemu=qemu)
     helper.signal(signal.SIGKILL)
     helper.wait_exit()
-    assert "pve-vmstate" in qemu.objects()  # what a killed helper leaves
+    assert "pve-vmstate" in qemu.objects()
+    return qemu
+
+
+def test_cleanup_removes_the_object_a_killed_helper_left(netns_factory: NetnsFactory, helper_factory: HelperFactory,
+                                                        qemu_factory: QemuFactory) -> None:
+    qemu = object_left_by_a_killed_helper(netns_factory, helper_factory, qemu_factory)
     # After a helper that exited by itself cleanly (0) or never started (2),
     # the cleanup does nothing at all.
     assert run_cleanup(qemu, exit_code="exited", exit_status="0") == (0, "")
@@ -225,11 +232,7 @@ def test_cleanup_after_a_fatal_exit_removes_a_left_object(netns_factory: NetnsFa
                                                            qemu_factory: QemuFactory) -> None:
     # Exit status 1 can come from an unexpected error after the object was
     # added: ExecStopPost then looks, and removes what is left.
-    qemu = qemu_factory("vm")
-    helper = helper_factory(netns_factory(), VMID, qemu=qemu)
-    helper.signal(signal.SIGKILL)
-    helper.wait_exit()
-    assert "pve-vmstate" in qemu.objects()
+    qemu = object_left_by_a_killed_helper(netns_factory, helper_factory, qemu_factory)
     code, err = run_cleanup(qemu, exit_code="exited", exit_status="1")
     assert code == 0 and "pve-vmstate" not in qemu.objects()
     assert err == "<4>%s\n" % (messages.CLEANUP_REMOVED % VMID)
