@@ -24,10 +24,11 @@ from ..model import IPS_EXPECTED, Entry
 from . import compact, hybrid, priority, savetext
 from .base import MAX_PAYLOAD, NO_STATE, Choice, Decoded, Format, Refusal
 from .priority import CLASSES, by_priority, count_by_class
+from .sendable import EntryList, Sendable
 
 __all__ = [
     "CLASSES", "MAX_PAYLOAD", "MIN_TEXT_LINE", "NO_STATE", "READERS", "Choice", "Decoded", "Format", "Incoming",
-    "Payload", "Refusal", "decode", "detect", "encode",
+    "Payload", "Refusal", "Sendable", "decode", "detect", "encode", "encode_sendable",
 ]
 
 #: No save line is shorter than this: more entries than limit / this cannot fit as text.
@@ -81,22 +82,28 @@ def encode(entries: Sequence[Entry], mark: int, limit: int = MAX_PAYLOAD, fmt: C
     :param fmt: what to send
     """
     sendable = [e for e in entries if not (e.status or 0) & IPS_EXPECTED]
-    out = _encode(sendable, mark, limit, fmt)
+    out = encode_sendable(EntryList(sendable), mark, limit, fmt)
     out.expected = len(entries) - len(sendable)
     return out
 
 
-def _encode(entries: list[Entry], mark: int, limit: int, fmt: Choice) -> Payload:
-    if not entries:
+def encode_sendable(items: Sendable, mark: int, limit: int = MAX_PAYLOAD, fmt: Choice = Choice.AUTO) -> Payload:
+    """:func:`encode` of items that are records and save lines already (Save's cache).
+
+    :param items: the entries to send, expected ones left out (the caller
+        counts those in :attr:`Payload.expected`)
+    """
+    if not len(items):
         return Payload(NO_STATE, Format.NONE, 0)
     if fmt == Choice.TEXT:
-        return _encode_text(entries, mark, limit)
+        return _encode_text(items.entries(), mark, limit)
     if fmt == Choice.COMPACT:
-        n, data, ordered = _compact_section(entries, limit)
+        section = _compact_section(items, limit)
+        n = section.sent
         if n == 0:
-            return Payload(NO_STATE, Format.NONE, 0, count_by_class(ordered or entries))
-        return Payload(data, Format.COMPACT, n, count_by_class((ordered or entries)[n:]))
-    return _encode_hybrid(entries, mark, limit)
+            return Payload(NO_STATE, Format.NONE, 0, section.left_out(0))
+        return Payload(section.data, Format.COMPACT, n, section.left_out(n))
+    return _encode_hybrid(items, mark, limit)
 
 
 def _textable(entries: Sequence[Entry]) -> tuple[list[Entry], Counter[str]]:
@@ -114,12 +121,7 @@ def _textable(entries: Sequence[Entry]) -> tuple[list[Entry], Counter[str]]:
     return lines, not_text
 
 
-def _loadable(entries: Iterable[Entry]) -> Iterator[Entry]:
-    """The entries whose save line conntrack --load-file takes, lazily."""
-    return (e for e in entries if savetext.text_problem(e) is None)
-
-
-def _encode_text(entries: list[Entry], mark: int, limit: int) -> Payload:
+def _encode_text(entries: Sequence[Entry], mark: int, limit: int) -> Payload:
     lines, not_text = _textable(entries)
     text = savetext.encode_text(lines, mark, limit)
     if not text.left_out:
@@ -129,38 +131,66 @@ def _encode_text(entries: list[Entry], mark: int, limit: int) -> Payload:
     return Payload(text.data, Format.TEXT, text.sent, count_by_class(ordered[text.sent:]), not_text=not_text)
 
 
-def _compact_section(entries: Sequence[Entry], limit: int) -> tuple[int, bytes, list[Entry] | None]:
-    """How many entries a compact payload of at most ``limit`` bytes carries, the
-    payload, and the priority order when it was needed (None: payload order)."""
+@dataclass(slots=True)
+class _Section:
+    """A compact section: how many items it carries, its bytes, and the order they went in."""
+
+    sent: int
+    data: bytes
+    #: The items' records, in item order (None for more than compact.MAX_RECORDS items).
+    raw: bytes | bytearray | None
+    #: Positions most important first, when not all items fit (None: item order).
+    order: list[int] | None = None
+    #: Each item's priority class, when not all items fit.
+    classes: list[int] = field(default_factory=list)
+
+    def left_out(self, n: int) -> Counter[str]:
+        """What the items after the first ``n`` in :attr:`order` are, by class."""
+        if self.order is None:
+            return Counter()
+        classes = self.classes
+        return Counter(CLASSES[classes[i]] for i in self.order[n:])
+
+
+def _compact_section(items: Sendable, limit: int) -> _Section:
+    """The largest compact payload of at most ``limit`` bytes, most important items first."""
     # The records are built once (most of the cost); when everything does not
     # fit, they are put in priority order and the largest prefix that fits is
     # found by sizing prefixes exactly, not by estimating from the unsorted
     # table (which sent ~72,000 of 120,000 entries where ~94,000 fit).
-    if len(entries) <= compact.MAX_RECORDS:
-        recs = compact.records(entries)
-        data = compact.encode_records(recs)
+    size = compact.RECORD.size
+    count = len(items)
+    if count <= compact.MAX_RECORDS:
+        raw = items.raw()
+        data = compact.encode_raw(raw)
         if len(data) <= limit:
-            return len(entries), data, None
-        per_record = (len(data) - compact.HEADER.size) / len(entries)
-        order = priority.order_of(entries)
-        ordered = [entries[i] for i in order]
-        recs = [recs[i] for i in order]
+            return _Section(count, data, raw)
+        per_record = (len(data) - compact.HEADER.size) / count
+        summaries = list(compact.summaries(raw))
+        order = priority.order(summaries)
+        classes = [priority.class_of(proto, status, state) for proto, _t, status, state in summaries]
+        view = memoryview(raw)
+        ordered = b"".join([view[i * size:(i + 1) * size] for i in order])
     else:
-        ordered = by_priority(entries)
-        recs = compact.records(ordered[:compact.MAX_RECORDS])
+        entries = items.entries()
+        order = priority.order_of(entries)
+        classes = [priority.priority_class(e) for e in entries]
+        raw = None
+        ordered = b"".join(compact.records([entries[i] for i in order[:compact.MAX_RECORDS]]))
         per_record = 16.0  # a typical table's bytes per entry; only the first guess
-    n, data = compact.largest_prefix(recs, limit, per_record)
-    return n, data, ordered
+    n, data = compact.largest_prefix(ordered, limit, per_record)
+    return _Section(n, data, raw, order, classes)
 
 
-def _encode_hybrid(entries: list[Entry], mark: int, limit: int) -> Payload:
+def _encode_hybrid(items: Sendable, mark: int, limit: int) -> Payload:
     # First the compact section with every entry that fits (what this
     # helper's Load reads), then save lines, most important first, in what
     # is left of the limit (what a Perl destination's conntrack(8) reads).
-    n, data, ordered = _compact_section(entries, hybrid.binary_budget(limit))
+    compacted = _compact_section(items, hybrid.binary_budget(limit))
+    n = compacted.sent
     if n == 0:
-        return _encode_text(entries, mark, limit)  # a limit too small for any section
-    section = hybrid.armor(data, n)
+        return _encode_text(items.entries(), mark, limit)  # a limit too small for any section
+    section = hybrid.armor(compacted.data, n)
     room = limit - len(section)
     # The save lines go most important first even when all of them fit:
     # conntrack(8) stops at the first entry the destination's kernel refuses
@@ -168,16 +198,20 @@ def _encode_hybrid(entries: list[Entry], mark: int, limit: int) -> Payload:
     # as can fit are ordered and checked: behind a large compact section that
     # is a few hundred of tens of thousands.
     most = room // MIN_TEXT_LINE + 1  # more lines than this never fit
-    candidates = ordered if ordered is not None else priority.first(entries, most)
-    text = savetext.encode_text(_loadable(candidates), mark, room, count_rest=False)
-    if not text.left_out and len(candidates) < len(entries):
+    candidates = compacted.order
+    raw = compacted.raw
+    if candidates is None:
+        assert raw is not None
+        candidates = priority.first_positions(compact.summaries(raw), most)
+    text = savetext.pack_lines(items.lines(candidates), mark, room, count_rest=False)
+    if not text.left_out and len(candidates) < len(items):
         # Lines conntrack cannot load were skipped and the candidates ran out
         # before the room did: take them all, in order.
-        candidates = by_priority(entries)
-        text = savetext.encode_text(_loadable(candidates), mark, room, count_rest=False)
+        assert raw is not None
+        candidates = priority.order(compact.summaries(raw))
+        text = savetext.pack_lines(items.lines(candidates), mark, room, count_rest=False)
     body = section + text.data if text.sent else section
-    left_out = count_by_class(ordered[n:]) if ordered is not None else Counter()
-    return Payload(body, Format.HYBRID, n, left_out, text_sent=text.sent)
+    return Payload(body, Format.HYBRID, n, compacted.left_out(n), text_sent=text.sent)
 
 
 class Incoming:

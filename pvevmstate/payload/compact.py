@@ -66,6 +66,8 @@ COMPRESSION_ZLIB = 1
 HEADER = struct.Struct("<4sBBHI")
 RECORD = struct.Struct("<BBI16s16s16s16sHHHHBBHBBHIIHHHBBIIBBBB16s")
 RECORD_FIELDS = len(RECORD.unpack(bytes(RECORD.size)))
+#: Where a record's timeout sits (Save writes fresh timeouts into cached records there).
+TIMEOUT_OFFSET = struct.calcsize("<BBI16s16s16s16sHHHHBBHBBH")
 #: Most records one payload may hold (~26 MB inflated, ~0.5 s to decode).
 MAX_RECORDS = 200_000
 #: zlib level: 6 compresses typical tables ~10 % better than 1 at twice the time,
@@ -163,11 +165,10 @@ def _assemble(columns: Sequence[bytes], n: int, segments: Sequence[bytes]) -> by
 _OVERHEAD = HEADER.size + len(_ZLIB_HEADER) + len(_FINAL_BLOCK) + 4
 
 
-def _columns(recs: Sequence[bytes]) -> list[bytes]:
-    raw = b"".join(recs)
+def _columns(raw: bytes | bytearray | memoryview) -> list[bytes]:
     size = RECORD.size
     # Byte-shuffle: column i holds byte i of every record.
-    return [raw[i::size] for i in range(size)]
+    return [bytes(raw[i::size]) for i in range(size)]
 
 
 def encode_records(recs: Sequence[bytes]) -> bytes:
@@ -175,10 +176,18 @@ def encode_records(recs: Sequence[bytes]) -> bytes:
 
     :raises CodecError: when there are too many records
     """
-    n = len(recs)
+    return encode_raw(b"".join(recs))
+
+
+def encode_raw(raw: bytes | bytearray) -> bytes:
+    """The compact payload of records laid end to end (at most :data:`MAX_RECORDS`).
+
+    :raises CodecError: when there are too many records
+    """
+    n = len(raw) // RECORD.size
     if n > MAX_RECORDS:
         raise CodecError("%d entries exceed the compact format's %d" % (n, MAX_RECORDS))
-    columns = _columns(recs)
+    columns = _columns(raw)
     segments = []
     for col in columns:
         z = _column_compressor()
@@ -201,10 +210,10 @@ def encode(entries: Sequence[Entry]) -> bytes:
 MAX_PROBES = 40
 
 
-def largest_prefix(recs: Sequence[bytes], limit: int, per_record: float) -> tuple[int, bytes]:
-    """The largest ``n`` whose payload of ``recs[:n]`` fits in ``limit`` bytes, and that payload.
+def largest_prefix(raw: bytes | bytearray, limit: int, per_record: float) -> tuple[int, bytes]:
+    """The largest ``n`` whose payload of the first ``n`` records of ``raw`` fits in ``limit`` bytes, and that payload.
 
-    The payload equals ``encode_records(recs[:n])``; ``n + 1`` records do not
+    The payload equals ``encode_raw(raw[:n * RECORD.size])``; ``n + 1`` records do not
     fit (or ``n`` is all of them) unless :data:`MAX_PROBES` sizes were not
     enough, when the largest prefix measured to fit is used. ``n`` may be 0.
 
@@ -214,12 +223,12 @@ def largest_prefix(recs: Sequence[bytes], limit: int, per_record: float) -> tupl
     about once plus the probes' small steps, instead of a full compression
     per attempt.
 
-    :param recs: records, most important first (at most :data:`MAX_RECORDS`)
+    :param raw: records laid end to end, most important first
     :param limit: byte budget
     :param per_record: expected compressed bytes per record, for the first guess
     """
-    total = min(len(recs), MAX_RECORDS)
-    columns = _columns(recs[:total])
+    total = min(len(raw) // RECORD.size, MAX_RECORDS)
+    columns = _columns(memoryview(raw)[:total * RECORD.size])
     comps = [_column_compressor() for _ in columns]
     done: list[list[bytes]] = [[] for _ in columns]
     tails = [c.copy().flush(zlib.Z_FULL_FLUSH) for c in comps]
@@ -267,6 +276,11 @@ def largest_prefix(recs: Sequence[bytes], limit: int, per_record: float) -> tupl
 _SUMMARY = struct.Struct("<xB4x64x8x8xII6xB%dx" % (RECORD.size - 101))
 #: Inflate this much at a time: memory stays one record buffer plus a chunk.
 _CHUNK = 1 << 16
+
+
+def summaries(raw: bytes | bytearray) -> Iterator[tuple[int, int, int, int]]:
+    """``(protocol, timeout, status, state)`` of every record of ``raw``, 0 where absent."""
+    return _SUMMARY.iter_unpack(raw)
 
 
 class Records:
@@ -327,7 +341,7 @@ class Records:
 
     def summaries(self) -> Iterator[tuple[int, int, int, int]]:
         """``(protocol, timeout, status, state)`` of every record, 0 where absent."""
-        return _SUMMARY.iter_unpack(self._raw)
+        return summaries(self._raw)
 
     def entry(self, index: int) -> Entry:
         """The entry of record ``index`` (0-based).

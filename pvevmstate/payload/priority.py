@@ -58,7 +58,12 @@ def first(entries: Sequence[Entry], k: int) -> list[Entry]:
     """
     if k >= len(entries) or len(entries) > POSITION_LIMIT:
         return by_priority(entries)[:k]
-    return [entries[key & _POSITION_MASK] for key in heapq.nsmallest(k, _keys(summaries(entries)))]
+    return [entries[i] for i in first_positions(summaries(entries), k)]
+
+
+def first_positions(items: Iterable[tuple[int, int, int, int | None]], k: int) -> list[int]:
+    """Positions of the ``k`` most important items, given as for :func:`order`, in that order."""
+    return [key & _POSITION_MASK for key in heapq.nsmallest(k, _keys(items))]
 
 
 def order_of(entries: Sequence[Entry]) -> list[int]:

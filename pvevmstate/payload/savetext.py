@@ -175,12 +175,21 @@ def text_problem(e: Entry) -> str | None:
 
 def render_line(e: Entry) -> str:
     """Render one entry as conntrack 1.4.7 ``-o save`` prints it (no newline, no mark)."""
+    if e.timeout is None:
+        return "-A" + render_rest(e)
+    return "-A -t %d%s" % (e.timeout, render_rest(e))
+
+
+def render_rest(e: Entry) -> str:
+    """The save line of ``e`` after its command and timeout (``-A -t N``).
+
+    Apart because the timeout is the one part that changes while an entry
+    sits idle: Save's cache keeps this rest and prints a fresh timeout before it.
+    """
     # Runs once per entry inside the downtime: string concatenation and cached
     # pieces, in the order conntrack prints them.
     fam = e.family
-    line = "-A"
-    if e.timeout is not None:
-        line += " -t %d" % e.timeout
+    line = ""
     st = e.status
     if st is not None:
         text = _STATUS_TEXT.get(st & STATUS_TEXT_MASK)
@@ -498,15 +507,21 @@ def encode_text(entries: Iterable[Entry], mark: int, limit: int = MAX_PAYLOAD,
         fit, to count them (else ``left_out`` is 1 when any is left out, and
         a lazy ``entries`` is not consumed further)
     """
+    return pack_lines(map(render_line, entries), mark, limit, count_rest)
+
+
+def pack_lines(lines: Iterable[str], mark: int, limit: int = MAX_PAYLOAD,
+               count_rest: bool = True) -> TextPayload:
+    """:func:`encode_text` of save lines already rendered (:func:`render_line`)."""
     suffix = " --mark %d\n" % mark
     parts: list[str] = []
     size = 0
     left_out = 0
-    for e in entries:
+    for rendered in lines:
         if left_out:
             left_out += 1
             continue
-        line = render_line(e) + suffix
+        line = rendered + suffix
         # Save lines are ASCII, so characters == bytes.
         if size + len(line) > limit:
             left_out = 1

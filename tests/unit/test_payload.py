@@ -173,7 +173,7 @@ def test_above_capacity_sends_the_largest_priority_prefix_that_fits(busy_table: 
 def test_largest_prefix_is_exact_for_any_limit(limit: int) -> None:
     entries = priority.by_priority(parsed(realistic_lines(3000, seed=limit)))
     recs = compact.records(entries)
-    n, data = compact.largest_prefix(recs, limit, 14.0)
+    n, data = compact.largest_prefix(b"".join(recs), limit, 14.0)
     if n == 0:
         assert data == b"" and len(compact.encode(entries[:1])) > limit
         return
@@ -186,14 +186,14 @@ def test_largest_prefix_does_not_depend_on_the_first_guess(per_record: float) ->
     # A wrong guess costs probes, never the answer.
     entries = priority.by_priority(parsed(realistic_lines(4000, seed=2)))
     recs = compact.records(entries)
-    n, data = compact.largest_prefix(recs, 30_000, per_record)
-    assert (n, data) == compact.largest_prefix(recs, 30_000, 14.0)
+    n, data = compact.largest_prefix(b"".join(recs), 30_000, per_record)
+    assert (n, data) == compact.largest_prefix(b"".join(recs), 30_000, 14.0)
     assert len(data) <= 30_000 < len(compact.encode(entries[:n + 1]))
 
 
 def test_everything_fits_means_everything_is_sent() -> None:
     entries = parsed(realistic_lines(500, seed=4))
-    n, data = compact.largest_prefix(compact.records(entries), payload.MAX_PAYLOAD, 14.0)
+    n, data = compact.largest_prefix(b"".join(compact.records(entries)), payload.MAX_PAYLOAD, 14.0)
     assert n == 500 and data == compact.encode(entries)
 
 

@@ -1,0 +1,64 @@
+"""What a payload is assembled from: the entries one Save sends, as records and save lines.
+
+Two kinds of source give them. A list of entries (:class:`EntryList`: the
+tools, the tests, Save without its cache), and Save's scan of the kernel's
+dump through its cache (:mod:`pvevmstate.savecache`), which holds the record
+and save line of most entries ready-made and decodes only what changed.
+Every format is assembled through this interface alone
+(:func:`pvevmstate.payload.encode_sendable`), so the same table gives the
+same payload whichever source it came from.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Protocol
+
+from ..model import Entry
+from . import compact, savetext
+
+
+class Sendable(Protocol):
+    """The entries one Save may send (expected entries already left out)."""
+
+    def __len__(self) -> int: ...
+
+    def raw(self) -> bytes | bytearray:
+        """Every item's compact record (:data:`compact.RECORD`), laid end to end, in item order."""
+        ...
+
+    def lines(self, positions: Iterable[int]) -> Iterator[str]:
+        """The save lines (:func:`savetext.render_line`) of the items at
+        ``positions`` whose line conntrack(8) loads (:func:`savetext.text_problem`),
+        in that order, lazily."""
+        ...
+
+    def entries(self) -> Sequence[Entry]:
+        """Every item as an entry, in item order (the text format and oversized
+        tables need them; the common paths do not)."""
+        ...
+
+
+class EntryList:
+    """:class:`Sendable` items from entries at hand."""
+
+    __slots__ = ("_entries",)
+
+    def __init__(self, entries: Sequence[Entry]) -> None:
+        self._entries = entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def raw(self) -> bytes:
+        return b"".join(compact.records(self._entries))
+
+    def lines(self, positions: Iterable[int]) -> Iterator[str]:
+        have = self._entries
+        for i in positions:
+            e = have[i]
+            if savetext.text_problem(e) is None:
+                yield savetext.render_line(e)
+
+    def entries(self) -> Sequence[Entry]:
+        return self._entries
