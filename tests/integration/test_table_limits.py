@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from pvevmstate import messages
+from pvevmstate import messages, netlink
 from pvevmstate.model import IPS_ASSURED, IPS_SEEN_REPLY, PROTO_TCP, PROTO_UDP, Entry
 from pvevmstate.payload import compact
 from pvevmstate.vmstate import DEFAULT_TABLE_RESERVE, load_ceiling
@@ -41,7 +41,7 @@ def flows(n: int, net: int, *, assured: bool, start: int = 0) -> list[Entry]:
 
 def fill(ns: Any, entries: list[Entry], mark: int) -> None:
     with conntrack_table(ns) as t:
-        result = t.create(entries, mark)
+        result = t.create(netlink.create_batch(entries, mark))
     assert result.created == len(entries), result
 
 
