@@ -1,5 +1,5 @@
 """The model: the conntrack entry as this package carries it, the kernel's
-numbers, and what creating entries and reading the table's fill report.
+numbers, what creating entries takes and reports, and the table's fill.
 
 One flat, slotted record per entry: the netlink decoder fills it, the save-text
 codec prints and parses it, the netlink encoder turns it into a create request.
@@ -132,6 +132,29 @@ class Entry:
         """True when the save text shows the reply source as ``-g`` (destination NAT)."""
         st = self.status
         return (st is None or bool(st & IPS_DST_NAT_DONE)) and self.reply_src != self.orig_dst
+
+
+@dataclass(slots=True)
+class CreateBatch:
+    """Entries to create with one mark, as their CT_NEW requests without the netlink header.
+
+    The header holds what only the adapter that sends a batch knows: the
+    sequence numbers and which request asks for an ACK. Everything else is
+    fixed when the batch is made, from an :class:`Entry` or straight from a
+    compact record, so Load builds no Entry for most records.
+    """
+
+    mark: int
+    #: Each request's nfgenmsg and attributes, in the order they are created.
+    bodies: list[bytes] = field(default_factory=list)
+    #: By index into ``bodies``: the entry of every request a create may look
+    #: at again, at least of each that carries labels (created again without
+    #: them where the host has none) or a reply tuple other than its original
+    #: one mirrored (NAT, read back once created). May hold others too.
+    entries: dict[int, Entry] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.bodies)
 
 
 @dataclass(slots=True)

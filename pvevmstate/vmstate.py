@@ -17,7 +17,7 @@ from typing import Protocol
 
 from . import journal, messages, payload
 from .errors import errno_text
-from .model import CreateResult, Entry, TableStats
+from .model import CreateBatch, CreateResult, Entry, TableStats
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ class ConntrackBackend(Protocol):
 
     def dump(self, mark: int) -> list[Entry]: ...
 
-    def create(self, entries: list[Entry], mark: int) -> CreateResult: ...
+    def create(self, batch: CreateBatch) -> CreateResult: ...
 
     def stats(self) -> TableStats: ...
 
@@ -131,9 +131,9 @@ class VMState:
                     break
                 chunk = order[done:done + min(LOAD_CHUNK, room)]
                 done += len(chunk)
-                batch = incoming.entries(chunk)
+                batch = incoming.batch(chunk)
                 if batch:
-                    result.add(self._backend.create(batch, self.vmid))
+                    result.add(self._backend.create(batch))
             if done < n:
                 classes = incoming.classes()
                 left_out.update(payload.CLASSES[classes[i]] for i in order[done:])

@@ -17,7 +17,7 @@ import operator
 import socket
 import struct
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
@@ -33,6 +33,7 @@ from ..model import (
     PROTO_UDP,
     STATUS_TEXT_MASK,
     TCP_STATE_TIME_WAIT,
+    CreateBatch,
     Entry,
 )
 from .schema import (
@@ -727,15 +728,24 @@ _CREATE_FLAGS = NLM_F_REQUEST | NLM_F_CREATE | NLM_F_EXCL
 _CREATE_PLANS: dict[tuple[int, int], tuple[_PlanItem, ...]] = {}
 
 
-def create_request_general(e: Entry, mark: int, seq: int, ack: bool) -> bytes:
-    """create_request() for any entry, attribute by attribute (the reference)."""
+def _general_body(e: Entry, mark: int) -> bytes:
     plan = _CREATE_PLANS.get((e.family, e.proto))
     if plan is None:
         plan = _plan(e.family, e.proto)
         if e.family in (AF_INET, AF_INET6) and 0 <= e.proto <= 255:
             _CREATE_PLANS[(e.family, e.proto)] = plan
-    attrs = _encode(plan, _create_values(e, mark)) or b""
-    return _message(IPCTNL_MSG_CT_NEW, _CREATE_FLAGS | NLM_F_ACK if ack else _CREATE_FLAGS, seq, e.family, attrs)
+    return bytes((e.family, 0, 0, 0)) + (_encode(plan, _create_values(e, mark)) or b"")
+
+
+def _create_header(body: bytes, seq: int, ack: bool) -> bytes:
+    return _NLMSGHDR.pack(16 + len(body), IPCTNL_MSG_CT_NEW, _CREATE_FLAGS | NLM_F_ACK if ack else _CREATE_FLAGS,
+                          seq, 0)
+
+
+def create_request_general(e: Entry, mark: int, seq: int, ack: bool) -> bytes:
+    """create_request() for any entry, attribute by attribute (the reference)."""
+    body = _general_body(e, mark)
+    return _create_header(body, seq, ack) + body
 
 
 # ------------------------------------ create requests of the common shape
@@ -796,7 +806,7 @@ def _shape_parts(nodes: tuple[Node, ...], family: int, proto: int, present: froz
     return parts
 
 
-#: The values _create_common() hands a shape's struct, in this order. A
+#: The values _common_body() hands a shape's struct, in this order. A
 #: common entry's reply tuple is its original tuple mirrored (it checks that),
 #: so the reply attributes take the original values: _MIRROR.
 _COMMON_SOURCE = ("orig_src", "orig_dst", "proto", "sport", "dport", "timeout", "status", "mark",
@@ -804,19 +814,38 @@ _COMMON_SOURCE = ("orig_src", "orig_dst", "proto", "sport", "dport", "timeout", 
 _MIRROR = {"reply_src": "orig_dst", "reply_dst": "orig_src", "reply_sport": "dport", "reply_dport": "sport"}
 
 
-def _build_shape(family: int, proto: int, present: frozenset[str]) -> _Shape:
-    parts = _shape_parts(TABLE, family, proto, present, 4 if family == AF_INET else 16)
-    if not parts:
-        raise ValueError("no attributes for a shape")
+def body_layout(family: int, proto: int, present: frozenset[str]) -> tuple[tuple[str, str | int], ...]:
+    """How the body of a create request (nfgenmsg and attributes, no netlink
+    header) is laid out when it carries exactly the values ``present``.
+
+    Each place of the body in order, as (big-endian struct code, what goes
+    there): a value's name (an Entry field or a request-only value) or an int
+    constant (nfgenmsg, attribute headers). Derived from the table as
+    :func:`create_request_general` sends it: a value's attribute only where
+    it is present, a nest only when it holds something and its required
+    value is present.
+
+    :param family: AF_INET or AF_INET6 (the address length follows)
+    :param proto: the IP protocol number
+    :param present: the values that are not None in the request
+    :raises ValueError: when ``present`` holds a value of no fixed size (labels)
+    """
+    fam, kind = _plan_key(family, proto)
+    parts = _shape_parts(TABLE, fam, kind, present, 4 if fam == AF_INET else 16) or []
     parts.insert(0, ("I", 4, family << 24, -1))  # nfgenmsg: family, version 0, res_id 0
-    codec = struct.Struct(">" + "".join(code for code, _n, _k, _s in parts))
+    return tuple((code, _SLOTS[slot] if const is None else const) for code, _n, const, slot in parts)
+
+
+def _build_shape(family: int, proto: int, present: frozenset[str]) -> _Shape:
+    layout = body_layout(family, proto, present)
+    codec = struct.Struct(">" + "".join(code for code, _p in layout))
+    places = [place for _c, place in layout]
     # The struct's values: picked from (_COMMON_SOURCE values, header constants).
-    consts = tuple(k for _c, _n, k, _s in parts if k is not None)
+    consts = tuple(p for p in places if isinstance(p, int))
     picks, k = [], len(_COMMON_SOURCE)
-    for _c, _n, const, slot in parts:
-        if const is None:
-            name = _SLOTS[slot]
-            picks.append(_COMMON_SOURCE.index(_MIRROR.get(name, name)))
+    for place in places:
+        if isinstance(place, str):
+            picks.append(_COMMON_SOURCE.index(_MIRROR.get(place, place)))
         else:
             picks.append(k)
             k += 1
@@ -835,8 +864,8 @@ _SHAPES: dict[tuple[int, int, bool], _Shape] = {
 }
 
 
-def _create_common(e: Entry, mark: int, seq: int, ack: bool) -> bytes | None:
-    """create_request() for the common shape, or None when ``e`` is not of it."""
+def _common_body(e: Entry, mark: int) -> bytes | None:
+    """create_body() for the common shape, or None when ``e`` is not of it."""
     proto, sport, dport, osrc, odst = e.proto, e.sport, e.dport, e.orig_src, e.orig_dst
     if (e.reply_src != odst or e.reply_dst != osrc or sport is None or dport is None
             or e.reply_sport != dport or e.reply_dport != sport or e.status is None or e.timeout is None
@@ -861,11 +890,20 @@ def _create_common(e: Entry, mark: int, seq: int, ack: bool) -> bytes | None:
     if len(osrc) != (4 if e.family == AF_INET else 16) or len(odst) != len(osrc):
         return None
     status = (e.status & STATUS_TEXT_MASK) | IPS_CONFIRMED
-    flags = _CREATE_FLAGS | NLM_F_ACK if ack else _CREATE_FLAGS
     # In the order of _COMMON_SOURCE.
     values = (osrc, odst, proto, sport, dport, e.timeout, status, mark, state, wso, wsr, fo, fr)
-    return (_NLMSGHDR.pack(shape.size, IPCTNL_MSG_CT_NEW, flags, seq, 0)
-            + shape.pack(*shape.pick((*values, *shape.consts))))
+    return shape.pack(*shape.pick((*values, *shape.consts)))
+
+
+def create_body(e: Entry, mark: int) -> bytes:
+    """The body of :func:`create_request` (everything after the netlink header).
+
+    It depends neither on the sequence number nor on the ACK flag, so a
+    batch of bodies can be built before the adapter numbers them
+    (:func:`create_requests`).
+    """
+    body = _common_body(e, mark)
+    return body if body is not None else _general_body(e, mark)
 
 
 def create_request(e: Entry, mark: int, seq: int, ack: bool) -> bytes:
@@ -881,7 +919,26 @@ def create_request(e: Entry, mark: int, seq: int, ack: bool) -> bytes:
     :param seq: sequence number that identifies this request's error reply
     :param ack: ask for an acknowledgement even on success
     """
-    common = _create_common(e, mark, seq, ack)
-    if common is not None:
-        return common
-    return create_request_general(e, mark, seq, ack)
+    body = create_body(e, mark)
+    return _create_header(body, seq, ack) + body
+
+
+def create_requests(bodies: Sequence[bytes], seq: int) -> list[bytes]:
+    """The CT_NEW requests of ``bodies`` (:func:`create_body`), numbered ``seq``,
+    ``seq + 1``, ...; only the last asks for an ACK (the kernel answers
+    failures anyway, so one reply ends the batch)."""
+    pack, flags = _NLMSGHDR.pack, _CREATE_FLAGS
+    out = [pack(16 + len(b), IPCTNL_MSG_CT_NEW, flags, s, 0) + b for s, b in enumerate(bodies, seq)]
+    if out:
+        out[-1] = _create_header(bodies[-1], seq + len(out) - 1, True) + bodies[-1]
+    return out
+
+
+def create_batch(entries: Iterable[Entry], mark: int) -> CreateBatch:
+    """A :class:`~pvevmstate.model.CreateBatch` of ``entries`` with ``mark`` (each entry kept with its body)."""
+    batch = CreateBatch(mark)
+    bodies, kept = batch.bodies, batch.entries
+    for e in entries:
+        kept[len(bodies)] = e
+        bodies.append(create_body(e, mark))
+    return batch

@@ -20,7 +20,7 @@ from pyroute2 import NFCTSocket
 
 from .. import netlink
 from ..errors import ConntrackError
-from ..model import CreateResult, Entry, TableStats
+from ..model import CreateBatch, CreateResult, Entry, TableStats
 
 log = logging.getLogger(__name__)
 
@@ -188,22 +188,22 @@ class Conntrack:
                 maximum = int(f.read())
         return TableStats(count, maximum)
 
-    def create(self, entries: list[Entry], mark: int) -> CreateResult:
-        """Create each entry with ``mark``; one refusal never stops the others.
+    def create(self, batch: CreateBatch) -> CreateResult:
+        """Create each entry of ``batch``; one refusal never stops the others.
 
         Requests go out many per ``sendmsg``. Only the last request of a batch
         asks for an ACK; the kernel answers failed requests anyway, so a batch
         costs one round trip, and a batch never exceeds what the receive
         buffer can hold in replies.
 
-        :param entries: the entries to create
-        :param mark: CTA_MARK for every created entry
+        :param batch: the requests (made from entries by
+            :func:`pvevmstate.netlink.create_batch`, or by Load from records)
         :raises ConntrackError: when the socket itself fails
         """
         result = CreateResult()
         unlabeled: list[Entry] = []
-        for start in range(0, len(entries), self.ack_budget):
-            self._create_batch(entries[start:start + self.ack_budget], mark, result, unlabeled)
+        for start in range(0, len(batch), self.ack_budget):
+            self._create_batch(batch, start, min(start + self.ack_budget, len(batch)), result, unlabeled)
         if unlabeled:
             # Labels exist only where a ruleset uses them (EOPNOTSUPP otherwise);
             # the entry itself matters more than its labels.
@@ -212,22 +212,30 @@ class Conntrack:
             result.failed[errno.EOPNOTSUPP] -= len(unlabeled)
             if not result.failed[errno.EOPNOTSUPP]:
                 del result.failed[errno.EOPNOTSUPP]
-            for start in range(0, len(unlabeled), self.ack_budget):
-                self._create_batch(unlabeled[start:start + self.ack_budget], mark, result, None)
+            again = netlink.create_batch(unlabeled, batch.mark)
+            for start in range(0, len(again), self.ack_budget):
+                self._create_batch(again, start, min(start + self.ack_budget, len(again)), result, None)
         return result
 
-    def _verify_nat(self, batch: list[Entry], refused: set[int]) -> int:
-        """How many created NAT entries of ``batch`` the kernel mapped elsewhere.
+    def _take_seqs(self, n: int) -> int:
+        """The first of ``n`` consecutive sequence numbers (all within 1..0x7FFFFFFF)."""
+        if self._seq + n > 0x7FFFFFFF:
+            self._seq = 0
+        first = self._seq + 1
+        self._seq += n
+        return first
+
+    def _verify_nat(self, wanted: dict[int, Entry]) -> int:
+        """How many of the created NAT entries ``wanted`` the kernel mapped elsewhere.
 
         When another entry already holds the reply tuple a NAT entry asks for,
         the kernel does not refuse it: it picks another port (or address) of
         the range, and the entry is created with a mapping the guest never
         used. Reading each created NAT entry back is the only way to tell.
 
-        :param batch: the entries of one create batch
-        :param refused: indexes into ``batch`` the kernel refused (not created)
+        :param wanted: created entries whose reply tuple is not their original
+            one mirrored, by any distinct keys
         """
-        wanted = {i: e for i, e in enumerate(batch) if i not in refused and _reply_differs(e)}
         if not wanted:
             return 0
         first = self._seq + 1
@@ -250,19 +258,19 @@ class Conntrack:
                 if i is None:
                     continue
                 answered += 1
-                if got is not None and not _same_reply(batch[i], got):
+                if got is not None and not _same_reply(wanted[i], got):
                     remapped += 1
         return remapped
 
-    def _create_batch(self, batch: list[Entry], mark: int, result: CreateResult,
+    def _create_batch(self, batch: CreateBatch, start: int, stop: int, result: CreateResult,
                       unlabeled: list[Entry] | None) -> None:
-        if not batch:
+        """Create ``batch``'s requests ``start`` to ``stop`` (at most ``ack_budget``)."""
+        count = stop - start
+        if count <= 0:
             return
-        first = self._seq + 1
-        last_index = len(batch) - 1
-        msgs = [netlink.create_request(e, mark, self._next_seq(), i == last_index)
-                for i, e in enumerate(batch)]
-        last_seq = self._seq
+        first = self._take_seqs(count)
+        last_seq = first + count - 1
+        msgs = netlink.create_requests(batch.bodies[start:stop], first)
         try:
             pending: list[bytes] = []
             size = 0
@@ -276,6 +284,7 @@ class Conntrack:
         except OSError as err:
             raise ConntrackError("sending create requests failed", err.errno) from err
 
+        entries = batch.entries
         failed = 0
         refused: set[int] = set()
         while True:
@@ -285,8 +294,8 @@ class Conntrack:
                 if err.errno == errno.ENOBUFS:
                     # Replies were dropped; we cannot tell which entries failed.
                     log.warning("conntrack replies overran the receive buffer; "
-                                "results of %d entries unknown", len(batch) - failed)
-                    result.unknown += len(batch) - failed
+                                "results of %d entries unknown", count - failed)
+                    result.unknown += count - failed
                     self._drain()
                     return
                 raise ConntrackError("reading create replies failed", err.errno) from err
@@ -296,13 +305,16 @@ class Conntrack:
                 if code:
                     failed += 1
                     result.failed[code] += 1
-                    refused.add(seq - first)
-                    entry = batch[seq - first]
-                    if unlabeled is not None and code == errno.EOPNOTSUPP and entry.labels:
+                    refused.add(start + seq - first)
+                    entry = entries.get(start + seq - first)
+                    if unlabeled is not None and code == errno.EOPNOTSUPP and entry is not None and entry.labels:
                         unlabeled.append(dataclasses.replace(entry, labels=None))
                 if seq == last_seq:
-                    result.created += len(batch) - failed
-                    result.remapped += self._verify_nat(batch, refused)
+                    result.created += count - failed
+                    if entries:
+                        result.remapped += self._verify_nat({
+                            i: e for i in range(start, stop)
+                            if (e := entries.get(i)) is not None and i not in refused and _reply_differs(e)})
                     return
 
     def _drain(self) -> None:

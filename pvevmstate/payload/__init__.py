@@ -19,9 +19,10 @@ from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
+from .. import netlink
 from ..errors import CodecError
-from ..model import IPS_EXPECTED, Entry
-from . import compact, hybrid, priority, savetext
+from ..model import IPS_EXPECTED, CreateBatch, Entry
+from . import compact, creates, hybrid, priority, savetext
 from .base import MAX_PAYLOAD, NO_STATE, Choice, Decoded, Format, Refusal
 from .priority import CLASSES, by_priority, count_by_class
 from .sendable import EntryList, Sendable
@@ -218,12 +219,14 @@ class Incoming:
     """What a Load payload holds, to be created a chunk at a time.
 
     A save-text payload is parsed whole (1 MiB of text is at most ~12,000
-    lines); a compact one is inflated into its record buffer and its entries
-    are built only for the chunk being created, which bounds Load's memory.
+    lines); a compact one is inflated into its record buffer and its create
+    requests (or entries) are built only for the chunk being created, which
+    bounds Load's memory.
     Refused lines and records are counted in :attr:`refusals`.
     """
 
     def __init__(self, data: bytes, mark: int) -> None:
+        self._mark = mark
         self.refusals = Decoded()
         self._entries: list[Entry] | None = None
         self._records: compact.Records | None = None
@@ -267,6 +270,18 @@ class Incoming:
     def by_priority(self) -> list[int]:
         """Positions of the items, most important first (the order Save uses)."""
         return priority.order(self._summaries())
+
+    def batch(self, positions: Iterable[int]) -> CreateBatch:
+        """The create requests of the items at ``positions``, with the mark Load
+        was given; refused records are counted and left out.
+
+        Compact records become requests without an Entry where their shape
+        allows (:mod:`.creates`); save lines were parsed into entries already.
+        """
+        if self._records is not None:
+            return creates.batch(self._records, positions, self._mark, self.refusals)
+        have = self._entries or []
+        return netlink.create_batch((have[i] for i in positions), self._mark)
 
     def entries(self, positions: Iterable[int]) -> list[Entry]:
         """The entries at ``positions``; refused records are counted and skipped."""

@@ -85,7 +85,8 @@ OPTIONAL: tuple[str, ...] = (
 _BIT = {name: 1 << i for i, name in enumerate(OPTIONAL)}
 ADDRS_SWAPPED = 1 << 30
 PORTS_SWAPPED = 1 << 31
-_KNOWN = (1 << len(OPTIONAL)) - 1 | ADDRS_SWAPPED | PORTS_SWAPPED
+#: Every bit a ``present`` word may have; a record with another one is refused.
+KNOWN = (1 << len(OPTIONAL)) - 1 | ADDRS_SWAPPED | PORTS_SWAPPED
 _PAD = bytes(16)
 
 
@@ -339,6 +340,11 @@ class Records:
                              % (pos + len(extra), want))
         return raw
 
+    @property
+    def buffer(self) -> bytearray:
+        """The records, :data:`RECORD` after :data:`RECORD`, in payload order (not to be changed)."""
+        return self._raw
+
     def summaries(self) -> Iterator[tuple[int, int, int, int]]:
         """``(protocol, timeout, status, state)`` of every record, 0 where absent."""
         return summaries(self._raw)
@@ -393,8 +399,8 @@ def _entry(r: tuple[Any, ...]) -> Entry:
         alen = 16
     else:
         raise CodecError("unknown address family %d" % family)
-    if present & ~_KNOWN:
-        raise CodecError("unknown fields 0x%x" % (present & ~_KNOWN))
+    if present & ~KNOWN:
+        raise CodecError("unknown fields 0x%x" % (present & ~KNOWN))
     osrc, odst = r[3][:alen], r[4][:alen]
     if present & ADDRS_SWAPPED:
         rsrc, rdst = odst, osrc

@@ -2,8 +2,10 @@
 
 The profile behind the benchmark's ratios: for N entries (among 3·N others) in a
 throw-away namespace it times the kernel's part of the dump (raw receive, no
-decoding), decoding into entries, encoding the payload, decoding the payload,
-building the create requests, and the kernel's part of creating them.
+decoding), decoding into entries, encoding the payload, decoding the payload
+into entries (what ``decode`` does) and their create requests (a text
+payload's Load), decoding it straight into create requests (a compact or
+hybrid payload's Load), and creating them: numbering them and the kernel's part.
 
     python3 -m tests.bench.phases [N ...]
 """
@@ -21,6 +23,7 @@ from typing import cast
 from pyroute2 import netns
 
 from pvevmstate import netlink, payload
+from pvevmstate.model import CreateBatch
 from pvevmstate.netlink.conntrack import Conntrack
 from pvevmstate.payload import Decoded
 from tests.support import realistic_lines
@@ -75,20 +78,24 @@ def phases(n: int) -> dict[str, float]:
         out["encode payload (auto)"], encoded = timed(lambda: payload.encode(entries, VMID))
         assert isinstance(encoded, payload.Payload)
         out["payload bytes"] = len(encoded.data)
-        out["decode payload"], decoded_any = timed(lambda: payload.decode(encoded.data, VMID))
+        out["decode payload into entries"], decoded_any = timed(lambda: payload.decode(encoded.data, VMID))
         decoded = cast(Decoded, decoded_any)
-        out["build create requests"], _ = timed(
-            lambda: [netlink.create_request(e, VMID, i, False) for i, e in enumerate(decoded.entries)])
+        out["create requests of entries"], _ = timed(lambda: netlink.create_batch(decoded.entries, VMID))
+        # What Load does: records straight to create requests (entries only where needed).
+        out["decode payload into requests"], batch_any = timed(
+            lambda: payload.Incoming(encoded.data, VMID).batch(range(n)))
+        batch = cast(CreateBatch, batch_any)
+        assert len(batch) == n
 
         def create() -> float:
             subprocess.run(["conntrack", "-D", "--mark", str(VMID)], check=False, stdout=subprocess.DEVNULL,
                            stderr=subprocess.DEVNULL, preexec_fn=lambda: netns.setns(ns))
             t0 = time.perf_counter()
-            table.create(decoded.entries, VMID)
+            table.create(batch)
             return (time.perf_counter() - t0) * 1e3
-        created = [create() for _ in range(3)]
-        out["build + create"] = statistics.median(created)
-        out["kernel create (rest)"] = out["build + create"] - out["build create requests"]
+        out["create (headers + kernel)"] = statistics.median(create() for _ in range(3))
+        out["numbering the requests"], _ = timed(lambda: netlink.create_requests(batch.bodies, 1))
+        out["kernel create (rest)"] = out["create (headers + kernel)"] - out["numbering the requests"]
         table.close()
         return out
     finally:

@@ -14,7 +14,7 @@ from sdbus import sd_bus_open_system
 
 from pvevmstate.daemon import Daemon, Settings
 from pvevmstate.dbus.api import VMSTATE_PATH, VMState1Interface, VMStateHelperInterface, helper_bus_name
-from pvevmstate.model import CreateResult, Entry, TableStats
+from pvevmstate.model import CreateBatch, CreateResult, Entry, TableStats
 from pvevmstate.qemu.vmobject import QemuObject
 from tests.support import PrivateBus
 
@@ -23,8 +23,8 @@ class EmptyTable:
     def dump(self, mark: int) -> list[Entry]:
         return []
 
-    def create(self, entries: list[Entry], mark: int) -> CreateResult:
-        return CreateResult(created=len(entries))
+    def create(self, batch: CreateBatch) -> CreateResult:
+        return CreateResult(created=len(batch))
 
     def stats(self) -> TableStats:
         return TableStats(0, 262144)

@@ -14,7 +14,7 @@ from sdbus import DbusFailedError, SdBus, sd_bus_open_system
 from pvevmstate.dbus.api import VMSTATE_PATH, VMState1Interface, VMStateHelperInterface
 from pvevmstate.dbus.service import VMStateService
 from pvevmstate.errors import ConntrackError, VMStateError
-from pvevmstate.model import CreateResult, Entry, TableStats
+from pvevmstate.model import CreateBatch, CreateResult, Entry, TableStats
 from pvevmstate.vmstate import VMState
 from tests.support import PrivateBus
 
@@ -22,17 +22,17 @@ from tests.support import PrivateBus
 class FakeBackend:
     def __init__(self, dump: list[Entry] | Exception, create: CreateResult | Exception) -> None:
         self._dump, self._create = dump, create
-        self.created: list[Entry] = []
+        self.created: list[bytes] = []
 
     def dump(self, mark: int) -> list[Entry]:
         if isinstance(self._dump, Exception):
             raise self._dump
         return self._dump
 
-    def create(self, entries: list[Entry], mark: int) -> CreateResult:
+    def create(self, batch: CreateBatch) -> CreateResult:
         if isinstance(self._create, Exception):
             raise self._create
-        self.created.extend(entries)
+        self.created.extend(batch.bodies)
         return self._create
 
     def stats(self) -> TableStats:

@@ -18,7 +18,7 @@ from typing import TextIO
 import pytest
 
 from pvevmstate import journal, logsetup, payload
-from pvevmstate.model import CreateResult, Entry, TableStats
+from pvevmstate.model import CreateBatch, CreateResult, Entry, TableStats
 from pvevmstate.payload import savetext
 from pvevmstate.vmstate import VMState
 from tests.support import example_lines
@@ -226,9 +226,9 @@ class Table:
     def dump(self, mark: int) -> list[Entry]:
         return self.entries
 
-    def create(self, entries: list[Entry], mark: int) -> CreateResult:
+    def create(self, batch: CreateBatch) -> CreateResult:
         result = CreateResult()
-        result.created = len(entries) - 1
+        result.created = len(batch) - 1
         result.failed[17] = 1  # EEXIST
         return result
 

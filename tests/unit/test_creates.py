@@ -1,0 +1,166 @@
+"""Load's create requests straight from compact records: the same bytes as through entries."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from collections.abc import Iterator
+
+import pytest
+
+from pvevmstate import netlink, payload
+from pvevmstate.model import (
+    AF_INET,
+    IPS_ASSURED,
+    IPS_DST_NAT_DONE,
+    IPS_EXPECTED,
+    IPS_SEEN_REPLY,
+    IPS_SRC_NAT_DONE,
+    PROTO_TCP,
+    CreateBatch,
+    Entry,
+)
+from pvevmstate.payload import compact, creates
+from pvevmstate.payload import savetext as codec
+from tests.integration.test_text_payloads import entry_kinds
+from tests.support import example_lines, realistic_lines
+from tests.unit.test_netlink import _variants
+from tests.unit.test_netlink_golden import _entry_from_json, _golden
+from tests.unit.test_payload import raw_record, records
+
+MARK = 100
+
+
+@pytest.fixture(autouse=True)
+def no_shapes() -> Iterator[None]:
+    # Start from no builders: what earlier tests compiled must not hide a shape's first use.
+    creates.forget()
+    yield
+    creates.forget()
+
+
+def corpus() -> list[Entry]:
+    """Every kind of entry the other codec tests use, and then some a record carries differently."""
+    entries = [codec.parse_line(ln) for ln in example_lines() + realistic_lines(2000, seed=11)]
+    entries += _variants() + entry_kinds()
+    entries += [_entry_from_json(c["entry"]) for c in _golden()["requests"]]
+    r = dataclasses.replace
+    for i, e in enumerate(list(entries)):
+        if i % 13 == 0:
+            entries.append(r(e, status=(e.status or 0) | IPS_EXPECTED))  # refused, from a fast shape too
+        if i % 17 == 0 and e.sport is not None and e.dport is not None:
+            # NAT of addresses and ports, as a dump has them.
+            entries.append(r(e, reply_src=e.orig_src, reply_dst=e.orig_dst, reply_sport=e.sport,
+                             reply_dport=(e.dport + 1) & 0xFFFF,
+                             status=(e.status or 0) | IPS_SRC_NAT_DONE | IPS_DST_NAT_DONE))
+        if i % 19 == 0:
+            entries.append(r(e, tcp_flags_orig=0x23, tcp_flags_reply=0x2B, tcp_wscale_orig=7))
+        if i % 23 == 0 and e.status is None:
+            entries.append(r(e, state=8))
+    return entries
+
+
+def reply_differs(e: Entry) -> bool:
+    return (e.reply_src != e.orig_dst or e.reply_dst != e.orig_src
+            or e.reply_sport != e.dport or e.reply_dport != e.sport)
+
+
+def check(data: bytes, positions: list[int] | None = None) -> CreateBatch:
+    """The batch of ``data``'s records equals create_request() of their entries, refusals included."""
+    by_entry = payload.Incoming(data, MARK)
+    direct = payload.Incoming(data, MARK)
+    assert by_entry.format in (payload.Format.COMPACT, payload.Format.HYBRID)
+    order = list(range(direct.size)) if positions is None else positions
+    batch = direct.batch(order)
+    entries = by_entry.entries(order)
+    assert (direct.refusals.refused, direct.refusals.samples) == (by_entry.refusals.refused, by_entry.refusals.samples)
+    assert len(batch) == len(entries) and batch.mark == MARK
+    seq = 1000
+    want = [netlink.create_request(e, MARK, seq + k, k == len(entries) - 1) for k, e in enumerate(entries)]
+    got = netlink.create_requests(batch.bodies, seq)
+    for k, e in enumerate(entries):
+        assert got[k] == want[k], (k, e)
+        if e.labels or reply_differs(e):
+            assert batch.entries.get(k) == e, (k, e)  # what labels retry and the NAT check read
+    return batch
+
+
+def test_records_become_the_requests_of_their_entries() -> None:
+    entries = corpus()
+    assert len(entries) > 4000
+    data = compact.encode(entries)
+    batch = check(data)
+    # Most go without an entry, and the fast shapes are more than TCP/UDP.
+    assert len(batch) - len(batch.entries) > 0.7 * len(batch)
+    compiled = [k for k, v in creates._builders.items() if v is not creates._by_entry]
+    assert {k[0] >> 8 for k in compiled} >= {1, 6, 17, 33, 47, 58, 132}
+
+
+def test_in_priority_order_and_from_a_hybrid_payload() -> None:
+    entries = [codec.parse_line(ln) for ln in realistic_lines(3000, seed=5)]
+    out = payload.encode(entries, MARK)
+    assert out.format == payload.Format.HYBRID
+    incoming = payload.Incoming(out.data, MARK)
+    batch = check(out.data, incoming.by_priority())
+    assert not batch.entries  # a typical table: every record straight to its request
+
+
+def test_refused_records_are_refused_with_the_same_reasons() -> None:
+    good = raw_record()
+    expected_tcp = compact.RECORD.pack(*compact.RECORD.unpack(
+        compact.records([codec.parse_line(example_lines()[0])])[0])[:18], IPS_EXPECTED | IPS_ASSURED,
+        *compact.RECORD.unpack(compact.records([codec.parse_line(example_lines()[0])])[0])[19:])
+    data = records(good, raw_record(family=7), good, raw_record(present=1 << 27), raw_record(status=IPS_EXPECTED),
+                   expected_tcp, good)
+    incoming = payload.Incoming(data, MARK)
+    batch = incoming.batch(range(incoming.size))
+    assert len(batch) == 3
+    assert [(s.line_no, s.reason.split(" ")[0]) for s in incoming.refusals.samples] == [
+        (2, "unknown"), (4, "unknown"), (5, "EXPECTED"), (6, "EXPECTED")]
+    check(data)
+
+
+def test_many_shapes_past_the_bound_still_build_the_same_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(creates, "MAX_SHAPES", 3)
+    entries = corpus()[:3000]
+    check(compact.encode(entries))
+    assert len(creates._builders) == 3
+
+
+def test_a_shape_is_built_from_the_table_not_by_hand() -> None:
+    base = Entry(AF_INET, PROTO_TCP, bytes((10, 0, 0, 1)), bytes((10, 0, 0, 2)), bytes((10, 0, 0, 2)),
+                 bytes((10, 0, 0, 1)), 1000, 443, 443, 1000, timeout=600, status=IPS_SEEN_REPLY, state=3)
+    (record,) = compact.records([base])
+    present = compact.RECORD.unpack(record)[2]
+    text = creates.source(AF_INET, PROTO_TCP, present)
+    assert text is not None and "_pack(" in text and "EXPECTED" in text
+    # A shape that may carry NAT has no builder: its Entry decides.
+    nat = dataclasses.replace(base, reply_dport=2000, status=IPS_SEEN_REPLY | IPS_SRC_NAT_DONE)
+    present = compact.RECORD.unpack(compact.records([nat])[0])[2]
+    assert creates.source(AF_INET, PROTO_TCP, present) is None
+
+
+def test_random_records_never_differ() -> None:
+    # Arbitrary field values within each record's shape, and arbitrary present bits.
+    rnd = random.Random(13)
+    entries = corpus()
+    recs = []
+    for rec in compact.records(rnd.sample(entries, 1500)):
+        values = list(compact.RECORD.unpack(rec))
+        for n in rnd.sample(range(7, compact.RECORD_FIELDS - 1), 4):
+            values[n] = rnd.randrange(256) if isinstance(values[n], int) else values[n]
+        if rnd.random() < 0.2:
+            values[2] ^= 1 << rnd.randrange(32)
+        recs.append(compact.RECORD.pack(*values))
+    data = records(*recs)
+    batch = check(data)
+    assert 0 < len(recs) - len(batch) < len(recs) // 2  # some are refused, which check() compares too
+
+
+def test_a_text_payload_batch_is_its_entries() -> None:
+    lines = realistic_lines(200, seed=2)
+    data = "".join("%s --mark %d\n" % (ln, MARK) for ln in lines).encode()
+    incoming = payload.Incoming(data, MARK)
+    batch = incoming.batch(range(incoming.size))
+    entries = [codec.parse_line(ln) for ln in lines]
+    assert batch.bodies == [netlink.create_request(e, MARK, 0, False)[16:] for e in entries]
