@@ -60,6 +60,7 @@ ENVIRONMENT: dict[str, str] = {
     "--format": "PVE_DBUS_VMSTATE_FORMAT",
     "--table-reserve": "PVE_DBUS_VMSTATE_TABLE_RESERVE",
     "--linger": "PVE_DBUS_VMSTATE_LINGER",
+    "--cache-interval": "PVE_DBUS_VMSTATE_CACHE_INTERVAL",
     "--qmp-timeout": "PVE_DBUS_VMSTATE_QMP_TIMEOUT",
     "--debug": "PVE_DBUS_VMSTATE_DEBUG",
 }
@@ -110,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .payload import Choice
     from .qemu.qmp import DEFAULT_TIMEOUT
     from .vmstate import DEFAULT_TABLE_RESERVE
+    from .warmer import INTERVAL as WARM_INTERVAL
 
     parser = _Parser(
         prog=PROG,
@@ -136,6 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Load leaves this share of nf_conntrack_max free (5 to 50 percent), so that "
                              "the kernel evicts no other entries to make room; what does not fit is left "
                              "out, least important first (default: %(default)g)")
+    parser.add_argument("--cache-interval", type=seconds, default=WARM_INTERVAL, metavar="SECONDS",
+                        help="while waiting for Save, dump the VM's entries in the background at most "
+                             "this often (and within a tenth of one core) and keep them encoded, so that "
+                             "Save, inside the VM's downtime, encodes only what changed; 0 turns this "
+                             "off (default: %(default)g)")
     parser.add_argument("--qmp-socket", metavar="PATH",
                         help="the VM's QMP monitor socket (default: /var/run/qemu-server/VMID.qmp)")
     parser.add_argument("--qmp-timeout", type=seconds, default=DEFAULT_TIMEOUT, metavar="SECONDS",
@@ -196,7 +203,7 @@ def _run(args: argparse.Namespace) -> int:
 
     settings = Settings(vmid=args.vmid, linger=args.linger, qmp_socket=args.qmp_socket or "",
                         qmp_timeout=args.qmp_timeout, payload_format=args.format,
-                        table_reserve=args.table_reserve)
+                        table_reserve=args.table_reserve, cache_interval=args.cache_interval)
     if args.cleanup:
         return cleanup.run(settings)
     # Loaded here, before the event loop takes its descriptors: with none

@@ -70,7 +70,10 @@ from .payload import Choice
 from .qemu.qmp import DEFAULT_TIMEOUT as QMP_TIMEOUT
 from .qemu.qmp import QMPClient
 from .qemu.vmobject import QemuObject, default_qmp_socket, system_bus_address
+from .savecache import ScanTable
 from .vmstate import DEFAULT_TABLE_RESERVE, ConntrackBackend, VMState
+from .warmer import INTERVAL as WARM_INTERVAL
+from .warmer import Warmer
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +114,8 @@ class Settings:
     qmp_timeout: float = QMP_TIMEOUT
     payload_format: Choice = Choice.AUTO
     table_reserve: float = DEFAULT_TABLE_RESERVE
+    #: Seconds between background dumps for Save's cache at least (0: no cache).
+    cache_interval: float = WARM_INTERVAL
 
     @property
     def monitor(self) -> str:
@@ -191,6 +196,8 @@ class Daemon:
         self._exit = EXIT_OK
         self._linger: asyncio.TimerHandle | None = None
         self._follow: asyncio.Task[None] | None = None
+        self._warmer_of: Warmer | None = None
+        self._warming: asyncio.Task[None] | None = None
         # Whether QEMU may still hold our object; False once it was removed,
         # once QEMU is gone, or once a newer helper took over.
         self._registered = False
@@ -290,8 +297,9 @@ class Daemon:
             for sig in STOP_SIGNALS:
                 loop.add_signal_handler(sig, self.on_signal, sig.name)
             driver = BusDriver.new_proxy(BUS_DRIVER_NAME, BUS_DRIVER_PATH, bus)
+            warmer = self._warmer(backend)
             service = VMStateService(VMState(vmid, backend, fmt=self.settings.payload_format,
-                                               reserve=self.settings.table_reserve), self)
+                                               reserve=self.settings.table_reserve, warmer=warmer), self)
             stack.callback(service.export_to_dbus(VMSTATE_PATH, bus).stop)
             stack.push_async_callback(_cancelled, asyncio.create_task(self._watch_connection(bus)))
             names: list[str] = []
@@ -304,6 +312,9 @@ class Daemon:
             stack.push_async_callback(self._stop_following)
             stack.callback(self._cancel_linger)
             stack.push_async_callback(self._drain, service)
+            # Before the drain, so that nothing dumps in the background while
+            # the last Save or Load finishes.
+            stack.push_async_callback(self._stop_warming)
             stack.callback(sd_notify, "STOPPING=1")
             return await self._serve(driver, bus, names)
 
@@ -318,6 +329,8 @@ class Daemon:
         try:
             unique = await self._take_names(bus, driver, names)
             await self._register()
+            if self._warmer_of is not None and not self._warmer_of.stopped:
+                self._warming = asyncio.create_task(self._warmer_of.run())
             sd_notify("READY=1\nSTATUS=serving %s" % helper_id(vmid))
             log.info(messages.READY, vmid, helper_id(vmid), helper_bus_name(vmid), VMSTATE_NAME, unique,
                      self.qemu.qmp_socket, extra=fields(VMID=vmid, HELPER_ID=helper_id(vmid), UNIQUE_NAME=unique))
@@ -333,6 +346,28 @@ class Daemon:
             log.error("cannot register with the QEMU of VM %d: %s", vmid, err)
             self._reason, self._exit = "not registered with QEMU", EXIT_FAILURE
             return EXIT_FAILURE
+
+    def _warmer(self, backend: ConntrackBackend) -> Warmer | None:
+        """The background dumps for Save's cache, on a socket of their own; None when off."""
+        if self.settings.cache_interval <= 0 or not isinstance(backend, ScanTable):
+            return None
+        factory = self._backend_factory
+
+        def open_scan_table() -> ScanTable:
+            table = factory()
+            if not isinstance(table, ScanTable):
+                table.close()
+                raise VMStateError("the conntrack table cannot be scanned")
+            return table
+
+        self._warmer_of = Warmer(self.settings.vmid, open_scan_table, self.settings.cache_interval)
+        return self._warmer_of
+
+    async def _stop_warming(self) -> None:
+        if self._warmer_of is not None:
+            self._warmer_of.stop()
+        if self._warming is not None:
+            await _cancelled(self._warming)
 
     def _cancel_linger(self) -> None:
         if self._linger is not None:

@@ -15,9 +15,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from . import journal, messages, payload
+from . import journal, messages, payload, savecache
 from .errors import errno_text
 from .model import CreateBatch, CreateResult, Entry, TableStats
+from .savecache import Pieces, Scan, ScanTable
+from .warmer import Warmer
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +62,8 @@ class SaveReport:
     encoded: payload.Payload
     dumped: int
     ms: float
+    #: Entries whose pieces came from the cache (the rest were encoded now).
+    cached: int = 0
 
 
 @dataclass(slots=True)
@@ -89,20 +93,36 @@ class VMState:
     :param limit: payload byte budget (QEMU's 1 MiB)
     :param fmt: what Save sends (Load reads every format)
     :param reserve: percent of ``nf_conntrack_max`` Load never fills
+    :param warmer: keeps Save's cache warm until Save or Load (None: no cache)
     """
 
     def __init__(self, vmid: int, backend: ConntrackBackend, limit: int = payload.MAX_PAYLOAD,
-                 fmt: payload.Choice = payload.Choice.AUTO, reserve: float = DEFAULT_TABLE_RESERVE) -> None:
+                 fmt: payload.Choice = payload.Choice.AUTO, reserve: float = DEFAULT_TABLE_RESERVE,
+                 *, warmer: Warmer | None = None) -> None:
         self.vmid = vmid
         self._backend = backend
         self._limit = limit
         self._format = fmt
         self._reserve = reserve
         self._lock = asyncio.Lock()
+        self.warmer = warmer
 
-    def _save(self) -> SaveReport:
+    def _stop_warming(self) -> Pieces:
+        return self.warmer.stop() if self.warmer is not None else savecache.EMPTY
+
+    def _save(self, pieces: Pieces) -> SaveReport:
         t0 = time.perf_counter()
-        entries = self._backend.dump(self.vmid)
+        backend = self._backend
+        if pieces and self._format != payload.Choice.TEXT and isinstance(backend, ScanTable):
+            # The dump is still the truth; the cache only spares encoding
+            # what has not changed since a background dump.
+            layouts = backend.layouts
+            scan = backend.dump_into(self.vmid, lambda: Scan(pieces, layouts))
+            assert scan is not None  # never stopped
+            out = payload.encode_sendable(scan, self.vmid, self._limit, self._format)
+            out.expected = scan.expected
+            return SaveReport(out, len(scan) + scan.expected, (time.perf_counter() - t0) * 1000, scan.hits)
+        entries = backend.dump(self.vmid)
         out = payload.encode(entries, self.vmid, self._limit, self._format)
         return SaveReport(out, len(entries), (time.perf_counter() - t0) * 1000)
 
@@ -146,20 +166,22 @@ class VMState:
 
         :raises VMStateError: when the table cannot be read
         """
+        pieces = self._stop_warming()
         async with self._lock:
-            report = await asyncio.to_thread(self._save)
+            report = await asyncio.to_thread(self._save, pieces)
         out = report.encoded
         left_out = out.left_out_total
         level = logging.WARNING if left_out else logging.INFO
         # The same numbers as fields, for journalctl -o json (README: "Journal fields").
         fields: dict[str, journal.FieldValue] = {
             "VMID": self.vmid, "ENTRIES": report.dumped, "SENT": out.sent, "LEFT_OUT": left_out,
-            "BYTES": len(out.data), "FORMAT": out.format.value, "DURATION_MS": report.ms}
+            "BYTES": len(out.data), "FORMAT": out.format.value, "DURATION_MS": report.ms,
+            "CACHED": report.cached}
         if out.format == payload.Format.HYBRID:
             fields["TEXT_SENT"] = out.text_sent  # what a Perl destination restores
         log.log(level, "Save: %d entries with mark %d, sent %d in %d bytes as %s (limit %d), left out %d, "
-                "%.1f ms", report.dumped, self.vmid, out.sent, len(out.data), out.format,
-                self._limit, left_out, report.ms, extra=journal.fields(**fields))
+                "%.1f ms, %d of them encoded ahead", report.dumped, self.vmid, out.sent, len(out.data), out.format,
+                self._limit, left_out, report.ms, report.cached, extra=journal.fields(**fields))
         if out.left_out:
             log.warning("Save: left out by class: %s", ", ".join(
                 "%d %s" % (out.left_out[c], c) for c in payload.CLASSES if out.left_out[c]))
@@ -177,6 +199,7 @@ class VMState:
 
         :raises VMStateError: when the table cannot be written at all
         """
+        self._stop_warming()
         async with self._lock:
             report = await asyncio.to_thread(self._load, data)
         for sample in report.samples:

@@ -11,6 +11,7 @@ from .codec import (
     TCP_FLAG_CLOSE_INIT,
     TCP_FLAG_SACK_PERM,
     DumpChunk,
+    Layout,
     LayoutCache,
     body_layout,
     create_batch,
@@ -28,6 +29,7 @@ from .codec import (
     iter_get_replies,
     stats_request,
     tcp_flags,
+    walk_dump,
 )
 from .schema import *  # noqa: F403  (the kernel's NETLINK_*, NLM_*, IPCTNL_*, CTA_* numbers)
 from .schema import TABLE, Leaf, Nest
@@ -41,6 +43,7 @@ __all__ = [
     "TCP_FLAG_CLOSE_INIT",
     "TCP_FLAG_SACK_PERM",
     "DumpChunk",
+    "Layout",
     "LayoutCache",
     "Leaf",
     "Nest",
@@ -60,4 +63,5 @@ __all__ = [
     "iter_get_replies",
     "stats_request",
     "tcp_flags",
+    "walk_dump",
 ]

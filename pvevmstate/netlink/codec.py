@@ -42,6 +42,7 @@ from .schema import (
     CTA_MARK_MASK,
     CTA_STATS_GLOBAL_ENTRIES,
     CTA_STATS_GLOBAL_MAX_ENTRIES,
+    CTA_TIMEOUT,
     CTA_TUPLE_ORIG,
     CTA_ZONE,
     IPCTNL_MSG_CT_GET,
@@ -249,6 +250,13 @@ class Layout:
     heads: tuple[Any, ...]
     pick: Callable[[tuple[Any, ...]], tuple[Any, ...]]
     tail: tuple[Any, ...]
+    #: ``(buffer, message offset)`` -> the message's stable bytes, in pieces:
+    #: everything from the nfgenmsg on except the timeout's value and the
+    #: values no Entry field keeps (counters, use count, ID, timestamps, ...).
+    #: Save's cache keys an entry's pieces by them (:func:`stable_parts`).
+    stable: Callable[[bytes, int], tuple[bytes, ...]]
+    #: Where the timeout's value (big-endian u32) sits in the message, or -1.
+    timeout_at: int
 
 
 def _heads_and_leaves(buf: bytes, off: int, end: int, path: tuple[int, ...], *,
@@ -311,8 +319,43 @@ def _learn(buf: bytes, start: int, end: int, family: int) -> Layout | None:
         else:
             picks.append(len(order) + len(tail))
             tail.append(family if fname == "family" else _ABSENT[fname])
+    stable, timeout_at = _stable_parts(start, end, leaves)
     return Layout(unpack, heads_pick, heads_pick(unpack(buf, start)),
-                  operator.itemgetter(*picks), tuple(tail))
+                  operator.itemgetter(*picks), tuple(tail), stable, timeout_at)
+
+
+#: The leaf whose value Save's cache masks and reads fresh.
+_TIMEOUT_PATH = (CTA_TIMEOUT,)
+
+
+def _stable_parts(start: int, end: int, leaves: list[tuple[int, int, tuple[int, ...]]]
+                  ) -> tuple[Callable[[bytes, int], tuple[bytes, ...]], int]:
+    """The reader of a layout's stable bytes (:attr:`Layout.stable`) and its timeout's offset.
+
+    ``start`` is where the attributes begin (nlmsghdr and nfgenmsg before
+    it); offsets returned are from the message's first byte.
+    """
+    base = start - 20
+    timeout_at = -1
+    masked: list[tuple[int, int]] = []
+    for o, ln, path in leaves:
+        if path == _TIMEOUT_PATH and ln == 4:
+            timeout_at = o - base
+            masked.append((o, ln))
+        elif path not in LEAVES:
+            masked.append((o, ln))
+    # The nlmsghdr (length, type, flags, sequence, port) is skipped: the
+    # length and family select the layout, the rest names the request.
+    fmt = ["<16x"]
+    pos = start - 4  # the nfgenmsg: family, version, resource id
+    for o, ln in sorted(masked):
+        if o > pos:
+            fmt.append("%ds" % (o - pos))
+        fmt.append("%dx" % ln)
+        pos = o + ln
+    if end > pos:
+        fmt.append("%ds" % (end - pos))
+    return struct.Struct("".join(fmt)).unpack_from, timeout_at
 
 
 class LayoutCache:
@@ -360,6 +403,13 @@ class LayoutCache:
         self._learn(buf, off, mlen, key)
         return e
 
+    def layout_of(self, buf: bytes, off: int, mlen: int) -> Layout | None:
+        """The learned layout the message at ``buf[off:off+mlen]`` has, if any."""
+        for lay in self._known.get((mlen, buf[off + 16]), ()):
+            if lay.heads_of(lay.unpack(buf, off + 20)) == lay.heads:
+                return lay
+        return None
+
     def _learn(self, buf: bytes, off: int, mlen: int, key: tuple[int, int]) -> None:
         # The bounds are checked here only, under the lock, so that two threads
         # cannot both add the last layout a key has room for. (The lock costs a
@@ -403,8 +453,20 @@ def decode_dump(buf: bytes, size: int, seq: int, out: list[Entry],
     :param layouts: where layouts are learned and looked up
     :raises ConntrackError: when the kernel answered the dump with an error
     """
-    chunk = DumpChunk()
     decode = layouts.decode_message
+    append = out.append
+    return walk_dump(buf, size, seq, lambda b, off, mlen: append(decode(b, off, mlen)))
+
+
+def walk_dump(buf: bytes, size: int, seq: int, on_entry: Callable[[bytes, int, int], object]) -> DumpChunk:
+    """Call ``on_entry(buf, offset, length)`` for each entry message of one dump datagram.
+
+    :param buf: the datagram
+    :param size: its length
+    :param seq: the dump request's sequence number (others are skipped)
+    :raises ConntrackError: when the kernel answered the dump with an error
+    """
+    chunk = DumpChunk()
     off = 0
     while off + 16 <= size:
         mlen, mtype, mflags, mseq, _pid = _hdr_from(buf, off)
@@ -414,7 +476,7 @@ def decode_dump(buf: bytes, size: int, seq: int, out: list[Entry],
             if mflags & NLM_F_DUMP_INTR:
                 chunk.interrupted = True
             if mtype == IPCTNL_MSG_CT_NEW and mlen >= 20:
-                out.append(decode(buf, off, mlen))
+                on_entry(buf, off, mlen)
             elif mtype == NLMSG_DONE:
                 chunk.done = True
                 return chunk
@@ -431,7 +493,7 @@ def decode_dump(buf: bytes, size: int, seq: int, out: list[Entry],
 def _messages(buf: bytes, size: int, strict: bool = False) -> Iterator[tuple[int, int, int, int]]:
     """``(offset, length, type, seq)`` of each netlink message in a datagram.
 
-    A truncated message ends the walk, or raises with ``strict``. (decode_dump
+    A truncated message ends the walk, or raises with ``strict``. (walk_dump
     walks inline instead: it runs once per entry inside the VM's downtime.)
     """
     off = 0

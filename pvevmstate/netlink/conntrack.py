@@ -15,6 +15,9 @@ import errno
 import logging
 import os
 import socket
+import threading
+from collections.abc import Callable
+from typing import Protocol, TypeVar
 
 from pyroute2 import NFCTSocket
 
@@ -88,6 +91,28 @@ def open_netlink_socket() -> socket.socket:
     return sock
 
 
+class DumpSink(Protocol):
+    """What the datagrams of a dump go to (:meth:`Conntrack.dump_into`)."""
+
+    def feed(self, buf: bytes, size: int, seq: int) -> netlink.DumpChunk:
+        """Take in one datagram of the dump whose request had ``seq``."""
+        ...
+
+
+S = TypeVar("S", bound=DumpSink)
+
+
+class _Entries:
+    """A dump decoded into entries."""
+
+    def __init__(self, layouts: netlink.LayoutCache) -> None:
+        self.entries: list[Entry] = []
+        self._layouts = layouts
+
+    def feed(self, buf: bytes, size: int, seq: int) -> netlink.DumpChunk:
+        return netlink.decode_dump(buf, size, seq, self.entries, self._layouts)
+
+
 class Conntrack:
     """The conntrack table of the network namespace the socket was opened in.
 
@@ -122,45 +147,73 @@ class Conntrack:
             raise ConntrackError("netlink message larger than the receive buffer")
         return bytes(memoryview(self._buf)[:n]), n
 
+    @property
+    def layouts(self) -> netlink.LayoutCache:
+        """The message layouts learned on this table's dumps (a scan keys messages by them)."""
+        return self._layouts
+
     def dump(self, mark: int) -> list[Entry]:
         """Return every entry (IPv4 and IPv6) whose mark equals ``mark``.
-
-        The kernel filters by mark and full mask. An interrupted dump
-        (NLM_F_DUMP_INTR) or an overrun (ENOBUFS) is restarted on a fresh
-        socket, a few times at most.
 
         :param mark: the CONNMARK to select
         :raises ConntrackError: when the dump fails or keeps being interrupted
         """
+        sink = self.dump_into(mark, lambda: _Entries(self._layouts))
+        assert sink is not None
+        return sink.entries
+
+    def dump_into(self, mark: int, sink: Callable[[], S], stop: threading.Event | None = None) -> S | None:
+        """Feed every datagram of a dump of the entries with ``mark`` to a new ``sink()``.
+
+        The kernel filters by mark and full mask. An interrupted dump
+        (NLM_F_DUMP_INTR) or an overrun (ENOBUFS) is restarted, with a new
+        sink, on a fresh socket, a few times at most.
+
+        :param mark: the CONNMARK to select
+        :param sink: makes what the datagrams go to (one per attempt)
+        :param stop: when set, the dump is abandoned between two datagrams
+            and None returned (the socket is replaced: the kernel still has
+            the rest of the dump queued for it)
+        :raises ConntrackError: when the dump fails or keeps being interrupted
+        """
         for attempt in range(1, DUMP_ATTEMPTS + 1):
+            into = sink()
             try:
-                entries, interrupted = self._dump_once(mark)
+                interrupted = self._dump_once(mark, into, stop)
             except OSError as err:
                 if err.errno != errno.ENOBUFS:
                     raise ConntrackError("conntrack dump failed", err.errno) from err
                 reason = "overran the receive buffer (ENOBUFS)"
             else:
+                if interrupted is None:
+                    self._reopen()
+                    return None
                 if not interrupted:
-                    return entries
+                    return into
                 reason = "was interrupted by a table change (NLM_F_DUMP_INTR)"
             log.warning("conntrack dump %s, restarting (attempt %d of %d)",
                         reason, attempt, DUMP_ATTEMPTS)
             # The old dump may still be queued on this socket: start clean.
-            self._sock.close()
-            self._sock = open_netlink_socket()
+            self._reopen()
         raise ConntrackError("conntrack dump did not complete after %d attempts" % DUMP_ATTEMPTS)
 
-    def _dump_once(self, mark: int) -> tuple[list[Entry], bool]:
+    def _reopen(self) -> None:
+        self._sock.close()
+        self._sock = open_netlink_socket()
+
+    def _dump_once(self, mark: int, into: DumpSink, stop: threading.Event | None) -> bool | None:
+        """Whether the dump was interrupted; None when it was abandoned (``stop``)."""
         seq = self._next_seq()
         self._sock.send(netlink.dump_request(seq, mark))
-        entries: list[Entry] = []
         interrupted = False
         while True:
+            if stop is not None and stop.is_set():
+                return None
             data, n = self._recv()
-            chunk = netlink.decode_dump(data, n, seq, entries, self._layouts)
+            chunk = into.feed(data, n, seq)
             interrupted = interrupted or chunk.interrupted
             if chunk.done:
-                return entries, interrupted
+                return interrupted
 
     def stats(self) -> TableStats:
         """The namespace's entry count and ``nf_conntrack_max``, asked over this socket.

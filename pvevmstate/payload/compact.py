@@ -391,6 +391,14 @@ def _entry_pick(present: int) -> Callable[[tuple[Any, ...]], tuple[Any, ...]]:
     return pick
 
 
+def entry_of(record: bytes) -> Entry:
+    """The entry of one record (:data:`RECORD`).
+
+    :raises CodecError: when the record is refused
+    """
+    return _entry(RECORD.unpack(record))
+
+
 def _entry(r: tuple[Any, ...]) -> Entry:
     family, proto, present = r[0], r[1], r[2]
     if family == AF_INET:

@@ -272,7 +272,7 @@ def test_save_and_load_lines_carry_their_numbers(records: Records, fmt: payload.
     data = saved.encoded.data
     expected = {"VMID": 100, "ENTRIES": len(entries), "SENT": saved.encoded.sent,
                 "LEFT_OUT": saved.encoded.left_out_total, "BYTES": len(data), "FORMAT": saved.encoded.format.value,
-                "DURATION_MS": saved.ms}
+                "DURATION_MS": saved.ms, "CACHED": saved.cached}
     if fmt == payload.Choice.AUTO:
         assert saved.encoded.format == payload.Format.HYBRID
         expected["TEXT_SENT"] = saved.encoded.text_sent

@@ -1,0 +1,245 @@
+"""Save's cache: each entry's encoded pieces, made ahead from background dumps.
+
+The dump inside the VM's downtime stays the truth: Save sends exactly the
+entries it finds there, as it finds them. What the cache saves is the
+encoding. While the helper waits for Save (QEMU copies the VM's RAM
+meanwhile: seconds to minutes), :mod:`pvevmstate.warmer` dumps the VM's
+entries every few seconds through a :class:`Scan` and keeps each entry's
+compact record and the rest of its save line (:class:`Pieces`). Save's own
+dump goes through a :class:`Scan` of those pieces: a message found there
+costs a lookup and its fresh timeout, and only what changed is decoded.
+
+The key is a message's stable bytes (:attr:`pvevmstate.netlink.Layout.stable`):
+all of it but the timeout's value, which Save reads fresh from the message
+and writes into the pieces, and the values no entry field keeps (counters,
+use count, ID, timestamps). So an entry that changed in anything Save sends
+(protocol state, status bits, TCP flags, NAT, labels, zones) misses and is
+encoded afresh, and one that only aged is found. The key holds 96 bits of
+those bytes, not the bytes themselves (about 190 per entry, which would more
+than double the cache): Python's SipHash of them (64 bits, keyed at random per
+process, so no guest can aim at a collision) and their CRC-32. A changed
+entry taken for an unchanged one needs a 96-bit collision: at 50,000 entries
+that is about one Save in 10^19.
+
+Pure: no I/O, no threads of its own. A published :class:`Pieces` is never
+changed, so Save reads it while a background scan builds the next one.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import zlib
+from array import array
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Protocol, runtime_checkable
+
+from . import netlink, payload
+from .model import IPS_EXPECTED, Entry
+from .netlink import DumpChunk, LayoutCache
+from .payload import compact, priority, savetext
+
+_KEY_MASK = (1 << 64) - 1
+#: The record an expected entry is cached as: Save never sends one.
+EXPECTED = b""
+_TIMEOUT_AT = compact.TIMEOUT_OFFSET
+_NO_TIMEOUT = bytes(4)
+_RECORD = compact.RECORD.size
+#: Save lines whose rest is kept: no payload holds more lines than this.
+MAX_LINES = payload.MAX_PAYLOAD // payload.MIN_TEXT_LINE + 1
+
+
+def key_of(parts: Iterable[bytes]) -> int:
+    """The cache key of a message's stable bytes (in pieces, as :attr:`Layout.stable` reads them)."""
+    data = b"".join(parts)
+    return hash(data) & _KEY_MASK | zlib.crc32(data) << 64
+
+
+@dataclass(frozen=True, slots=True)
+class Pieces:
+    """One generation of the cache: what a background dump found, ready to send.
+
+    Never changed once made: Save reads it without a lock.
+    """
+
+    #: key -> the entry's compact record with timeout 0 (:data:`EXPECTED` for an expected entry).
+    records: Mapping[int, bytes] = field(default_factory=dict)
+    #: key -> the rest of the entry's save line (:func:`savetext.render_rest`),
+    #: or None when conntrack(8) cannot load its line; only for the entries
+    #: most likely to go as save lines (:data:`MAX_LINES`).
+    rests: Mapping[int, str | None] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+
+EMPTY = Pieces(MappingProxyType({}), MappingProxyType({}))
+
+
+@runtime_checkable
+class ScanTable(Protocol):
+    """A conntrack table whose dumps a :class:`Scan` can read (blocking calls;
+    :class:`pvevmstate.netlink.conntrack.Conntrack`)."""
+
+    @property
+    def layouts(self) -> LayoutCache:
+        """The message layouts learned on this table's dumps."""
+        ...
+
+    def dump_into(self, mark: int, sink: Callable[[], Scan],
+                  stop: threading.Event | None = None) -> Scan | None:
+        """Feed a dump of the entries with ``mark`` to a new ``sink()``; None when stopped."""
+        ...
+
+    def close(self) -> None:
+        """Close the socket."""
+        ...
+
+
+def _rest(e: Entry) -> str | None:
+    return None if savetext.text_problem(e) is not None else savetext.render_rest(e)
+
+
+class Scan:
+    """One dump, message by message through the cache: the items Save sends.
+
+    Feed it the dump's datagrams (:meth:`feed`); it is then a
+    :class:`pvevmstate.payload.Sendable`: records with their fresh timeouts,
+    save lines on demand. Expected entries are counted, not items.
+
+    :param pieces: the cache to look messages up in (:data:`EMPTY`: none)
+    :param layouts: the socket's learned message layouts
+    :param collect: keep what this dump found, for :meth:`pieces` (background scans)
+    """
+
+    def __init__(self, pieces: Pieces, layouts: LayoutCache, collect: bool = False) -> None:
+        self._pieces = pieces
+        self._layouts = layouts
+        self.keys: list[int] = []
+        self._records: list[bytes] = []
+        self._timeouts = array("I")
+        #: Rests made during this scan (misses, and lines not in the cache).
+        self._rests: dict[int, str | None] = {}
+        #: The next generation's records (background scans only).
+        self._found: dict[int, bytes] | None = {} if collect else None
+        #: Entries found in the cache, and expected entries left out.
+        self.hits = self.expected = 0
+
+    # ------------------------------------------------------------- scanning
+
+    def feed(self, buf: bytes, size: int, seq: int) -> DumpChunk:
+        """Take in one datagram of the dump whose request had ``seq``."""
+        # Once per entry inside the downtime: a found entry costs one read of
+        # its stable bytes, one lookup and one read of its timeout; so the
+        # names it uses are locals here.
+        known = self._layouts.snapshot()
+        get = self._pieces.records.get
+        keys, records, timeouts = self.keys, self._records, self._timeouts
+        found = self._found
+        join, crc32, mask = b"".join, zlib.crc32, _KEY_MASK
+        from_bytes = int.from_bytes
+
+        def message(buf: bytes, off: int, mlen: int) -> None:
+            lays = known.get((mlen, buf[off + 16]))
+            if lays is not None:
+                for lay in lays:
+                    data = join(lay.stable(buf, off))
+                    key = hash(data) & mask | crc32(data) << 64
+                    record = get(key)
+                    if record is None:
+                        continue
+                    self.hits += 1
+                    if found is not None or not record:
+                        self._take(key, record, buf, off, lay.timeout_at)
+                        return
+                    at = lay.timeout_at
+                    keys.append(key)
+                    records.append(record)
+                    timeouts.append(from_bytes(buf[off + at:off + at + 4], "big") if at >= 0 else 0)
+                    return
+            self._miss(buf, off, mlen)
+
+        return netlink.walk_dump(buf, size, seq, message)
+
+    def _take(self, key: int, record: bytes, buf: bytes, off: int, at: int) -> None:
+        if self._found is not None and key >= 0:
+            self._found[key] = record
+        if not record:  # EXPECTED
+            self.expected += 1
+            return
+        self.keys.append(key)
+        self._records.append(record)
+        self._timeouts.append(int.from_bytes(buf[off + at:off + at + 4], "big") if at >= 0 else 0)
+
+    def _miss(self, buf: bytes, off: int, mlen: int) -> None:
+        e = self._layouts.decode_message(buf, off, mlen)
+        lay = self._layouts.layout_of(buf, off, mlen)
+        # An irregular message has no layout and so no key: a negative one,
+        # which no cache holds, keeps it out.
+        key = key_of(lay.stable(buf, off)) if lay is not None else -1 - len(self.keys)
+        if (e.status or 0) & IPS_EXPECTED:
+            self._take(key, EXPECTED, buf, off, -1)
+            return
+        record = compact.records((e,))[0]
+        # Cached with timeout 0: the fresh one is written in when it is sent.
+        record = record[:_TIMEOUT_AT] + _NO_TIMEOUT + record[_TIMEOUT_AT + 4:]
+        self._take(key, record, buf, off, lay.timeout_at if lay is not None else -1)
+        if lay is None:
+            self._timeouts[-1] = e.timeout or 0
+
+    # ------------------------------------------------------------- Sendable
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def raw(self) -> bytearray:
+        raw = bytearray(b"".join(self._records))
+        timeouts = self._timeouts
+        if sys.byteorder != "little":
+            timeouts = array("I", timeouts)
+            timeouts.byteswap()
+        # The records' timeout fields, written column-wise (records are little-endian).
+        data = timeouts.tobytes()
+        for i in range(4):
+            raw[_TIMEOUT_AT + i::_RECORD] = data[i::4]
+        return raw
+
+    def _entry(self, i: int) -> Entry:
+        """Item ``i`` as an entry, made from its record (which carries every field a line shows)."""
+        record = bytearray(self._records[i])
+        record[_TIMEOUT_AT:_TIMEOUT_AT + 4] = self._timeouts[i].to_bytes(4, "little")
+        return compact.entry_of(bytes(record))
+
+    def rest(self, i: int) -> str | None:
+        """The rest of item ``i``'s save line, or None when conntrack(8) cannot load it."""
+        key = self.keys[i]
+        rests = self._pieces.rests
+        if key in rests:
+            return rests[key]
+        if key in self._rests:
+            return self._rests[key]
+        rest = self._rests[key] = _rest(self._entry(i))
+        return rest
+
+    def lines(self, positions: Iterable[int]) -> Iterator[str]:
+        timeouts = self._timeouts
+        for i in positions:
+            rest = self.rest(i)
+            if rest is not None:
+                yield "-A -t %d%s" % (timeouts[i], rest)
+
+    def entries(self) -> Sequence[Entry]:
+        return [self._entry(i) for i in range(len(self._records))]
+
+    # ------------------------------------------------------------- background
+
+    def pieces(self, lines: int = MAX_LINES) -> Pieces:
+        """The next generation (a scan made with ``collect``): every entry of
+        this dump, and the save line rests of the ``lines`` most important,
+        made now where missing."""
+        found = self._found if self._found is not None else {}
+        top = priority.first_positions(compact.summaries(self.raw()), lines) if self._records else []
+        rests = {self.keys[i]: self.rest(i) for i in top if self.keys[i] >= 0}
+        return Pieces(MappingProxyType(found), MappingProxyType(rests))
