@@ -134,7 +134,8 @@ class Scan:
         # Once per entry inside the downtime: a found entry costs one read of
         # its stable bytes, one lookup and one read of its timeout; so the
         # names it uses are locals here.
-        known = self._layouts.snapshot()
+        layouts = self._layouts
+        known = layouts.snapshot()
         get = self._pieces.records.get
         keys, records, timeouts = self.keys, self._records, self._timeouts
         found = self._found
@@ -142,7 +143,12 @@ class Scan:
         from_bytes = int.from_bytes
 
         def message(buf: bytes, off: int, mlen: int) -> None:
+            nonlocal known
             lays = known.get((mlen, buf[off + 16]))
+            if lays is None:
+                # Learned since this datagram began (a miss learns its layout)?
+                known = layouts.snapshot()
+                lays = known.get((mlen, buf[off + 16]))
             if lays is not None:
                 for lay in lays:
                     data = join(lay.stable(buf, off))
