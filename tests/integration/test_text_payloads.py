@@ -8,31 +8,15 @@ check of what conntrack(8) accepts against codec.text_problem."""
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import sys
-from typing import Any
 
 from pvevmstate.model import (
-    AF_INET,
-    AF_INET6,
-    IPS_ASSURED,
-    IPS_EXPECTED,
-    IPS_SEEN_REPLY,
-    IPS_SRC_NAT,
-    IPS_SRC_NAT_DONE,
     PROTO_DCCP,
-    PROTO_GRE,
-    PROTO_ICMP,
-    PROTO_ICMPV6,
-    PROTO_SCTP,
-    PROTO_TCP,
-    PROTO_UDP,
-    PROTO_UDPLITE,
-    Entry,
 )
 from pvevmstate.payload import savetext as codec
 from tests import client
+from tests.corpus import entry_kinds
 from tests.support import HelperFactory, Netns, NetnsFactory, example_lines, require, strip_timeout, wait_until
 
 VMID = 100
@@ -189,57 +173,8 @@ def test_text_payload_with_ftp_and_dccp_loads_whole(netns_factory: NetnsFactory,
 # ------------------------------------------------ what conntrack(8) accepts, line by line
 
 
-def _addr(family: int, i: int, side: int) -> bytes:
-    if family == AF_INET:
-        return bytes((10, side, i // 256, i % 256))
-    return socket.inet_pton(AF_INET6, "fd00:%x::%x" % (side, i + 1))
 
 
-def entry_kinds() -> list[Entry]:
-    """Entries of every kind a dump can hold, and some only a netlink create can make."""
-    kinds: list[dict[str, Any]] = []
-    ports = {"sport": 1000, "dport": 2000, "reply_sport": 2000, "reply_dport": 1000}
-    for proto in (PROTO_TCP, PROTO_UDP, PROTO_UDPLITE, PROTO_SCTP, PROTO_DCCP, PROTO_GRE):
-        kinds.append({"proto": proto})  # no ports at all
-        kinds.append({"proto": proto, "sport": 1000, "dport": 2000})  # no reply ports
-    for state in range(12):
-        kinds.append({"proto": PROTO_TCP, "state": state, **ports})
-        kinds.append({"proto": PROTO_SCTP, "state": state, "vtag_orig": 7, "vtag_reply": 9, **ports})
-        kinds.append({"proto": PROTO_DCCP, "state": state, "dccp_role": 0, **ports})
-    kinds += [
-        {"proto": PROTO_TCP, **ports},  # no state (an offloaded flow)
-        {"proto": PROTO_TCP, "state": 3, "timeout": None, **ports},  # no timeout (offloaded)
-        {"proto": PROTO_SCTP, "state": 4, **ports},  # no vtags
-        {"proto": PROTO_DCCP, "state": 4, **ports},  # no role
-        {"proto": PROTO_DCCP, "state": 4, "dccp_role": 1, **ports},
-        {"proto": PROTO_UDP, **ports},
-        {"proto": PROTO_UDPLITE, **ports},
-        {"proto": PROTO_GRE, **ports},
-        {"proto": PROTO_UDP, "status": IPS_EXPECTED | IPS_SEEN_REPLY, **ports},
-        {"proto": PROTO_UDP, "status": IPS_SEEN_REPLY | IPS_ASSURED, "zone": 3, **ports},
-        {"proto": PROTO_UDP, "orig_zone": 3, **ports},
-        {"proto": PROTO_UDP, "zone": 3, "orig_zone": 4, **ports},
-        {"proto": PROTO_UDP, "orig_zone": 3, "reply_zone": 4, **ports},
-        {"proto": PROTO_UDP, "status": IPS_SRC_NAT | IPS_SRC_NAT_DONE, "nat": True, **ports},
-    ]
-    kinds += [{"proto": p} for p in (0, 2, 41, 50, 89, 255)]
-    for t in range(0, 20):
-        kinds.append({"proto": PROTO_ICMP, "icmp_type": t, "icmp_code": 0, "icmp_id": 5})
-    for t in (1, 128, 129, 130, 135, 139, 140):
-        kinds.append({"proto": PROTO_ICMPV6, "icmp_type": t, "icmp_code": 0, "icmp_id": 5, "family": AF_INET6})
-    kinds.append({"proto": PROTO_ICMP, "icmp_type": 8, "icmp_code": 0, "icmp_id": 5, "family": AF_INET6})
-    kinds.append({"proto": PROTO_ICMPV6, "icmp_type": 128, "icmp_code": 0, "icmp_id": 5, "family": AF_INET})
-    kinds.append({"proto": PROTO_ICMP, "icmp_type": 8, "icmp_id": 5})  # no code
-    out = []
-    for i, given in enumerate(kinds):
-        kind = dict(given)
-        family = kind.pop("family", AF_INET)
-        nat = kind.pop("nat", False)
-        src, dst = _addr(family, i, 1), _addr(family, i, 2)
-        kind.setdefault("timeout", 600)
-        kind.setdefault("status", IPS_SEEN_REPLY)
-        out.append(Entry(family, kind.pop("proto"), src, dst, dst, _addr(family, i, 3) if nat else src, **kind))
-    return out
 
 
 def test_save_writes_only_lines_conntrack_loads(netns_factory: NetnsFactory) -> None:

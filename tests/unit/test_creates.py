@@ -22,11 +22,8 @@ from pvevmstate.model import (
 )
 from pvevmstate.payload import compact, creates
 from pvevmstate.payload import savetext as codec
-from tests.integration.test_text_payloads import entry_kinds
+from tests.corpus import _entry_from_json, _golden, _variants, entry_kinds, raw_record, records
 from tests.support import example_lines, realistic_lines
-from tests.unit.test_netlink import _variants
-from tests.unit.test_netlink_golden import _entry_from_json, _golden
-from tests.unit.test_payload import raw_record, records
 
 MARK = 100
 

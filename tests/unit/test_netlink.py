@@ -14,7 +14,8 @@ from pvevmstate.model import IPS_CONFIRMED, Entry
 from pvevmstate.netlink import codec as codec_module
 from pvevmstate.netlink.codec import _common_body
 from pvevmstate.payload import savetext as codec
-from tests.support import example_lines, realistic_lines
+from tests.corpus import _variants
+from tests.support import example_lines
 
 
 def _decode_request(req: bytes) -> Entry:
@@ -102,18 +103,6 @@ def _as_dump_message(e: Entry, seq: int = 1) -> bytes:
     return struct.pack("=IHHII", len(req), netlink.IPCTNL_MSG_CT_NEW, netlink.NLM_F_MULTI, seq, 0) + req[16:]
 
 
-def _variants() -> list[Entry]:
-    """Example and realistic entries, plus TCP details only a dump has."""
-    entries = [codec.parse_line(ln) for ln in example_lines() + realistic_lines(300, seed=3)]
-    for i, e in enumerate(list(entries)):
-        if e.proto == 6 and e.state is not None and i % 3 == 0:
-            entries.append(dataclasses.replace(e, tcp_wscale_orig=7, tcp_wscale_reply=9,
-                                               tcp_flags_orig=0x23, tcp_flags_reply=0x2B))
-        if i % 7 == 0:
-            entries.append(dataclasses.replace(e, labels=bytes(range(16))))
-        if i % 11 == 0:
-            entries.append(dataclasses.replace(e, zone=3))
-    return entries
 
 
 def test_learned_layout_decodes_like_the_attribute_walk() -> None:

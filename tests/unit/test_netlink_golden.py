@@ -16,14 +16,10 @@ bytes is intended, and say so in the commit.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import gzip
 import json
 import socket
-import struct
 import sys
-from pathlib import Path
-from typing import Any
 
 from pvevmstate import netlink
 from pvevmstate.model import (
@@ -34,44 +30,7 @@ from pvevmstate.model import (
     PROTO_TCP,
     Entry,
 )
-
-GOLDEN = Path(__file__).resolve().parent.parent / "data" / "ctnetlink-golden.json.gz"
-_FIELDS = tuple(f.name for f in dataclasses.fields(Entry))
-_BYTES = frozenset({"orig_src", "orig_dst", "reply_src", "reply_dst", "labels"})
-
-
-def _entry_to_json(e: Entry) -> dict[str, Any]:
-    return {f: (v.hex() if f in _BYTES and v is not None else v)
-            for f in _FIELDS if (v := getattr(e, f)) is not None or f in _BYTES}
-
-
-def _entry_from_json(d: dict[str, Any]) -> Entry:
-    fields: dict[str, Any] = {f: (bytes.fromhex(v) if f in _BYTES and v is not None else v) for f, v in d.items()}
-    return Entry(**fields)
-
-
-@functools.cache
-def _golden() -> dict[str, Any]:
-    with gzip.open(GOLDEN, "rt", encoding="ascii") as f:
-        data: dict[str, Any] = json.load(f)
-    return data
-
-
-def _messages(buf: bytes) -> list[tuple[int, int]]:
-    """(offset, length) of each CT_NEW message in a datagram."""
-    out, off = [], 0
-    while off + 16 <= len(buf):
-        mlen, mtype = struct.unpack_from("=IH", buf, off)
-        if mtype == netlink.IPCTNL_MSG_CT_NEW:
-            out.append((off, mlen))
-        off += (mlen + 3) & ~3
-    return out
-
-
-def _as_dump_message(req: bytes) -> bytes:
-    """A create request re-typed as a dump reply."""
-    return struct.pack("=IHHII", len(req), netlink.IPCTNL_MSG_CT_NEW, netlink.NLM_F_MULTI, 1, 0) + req[16:]
-
+from tests.corpus import GOLDEN, _as_dump_message, _entry_from_json, _entry_to_json, _golden, _messages
 
 # ---------------------------------------------------------------- the tests
 

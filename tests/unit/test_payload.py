@@ -28,6 +28,7 @@ from pvevmstate.model import (
 )
 from pvevmstate.payload import compact, priority
 from pvevmstate.payload import savetext as codec
+from tests.corpus import raw_record, records
 from tests.support import example_lines, realistic_lines
 
 V4A, V4B, V4C = bytes((10, 0, 0, 1)), bytes((192, 0, 2, 1)), bytes((203, 0, 113, 5))
@@ -300,17 +301,8 @@ def test_truncated_and_bit_flipped_payloads_never_raise() -> None:
         assert len(decoded.entries) + decoded.refused <= 300 or decoded.refused == 1
 
 
-def records(*entries_raw: bytes) -> bytes:
-    raw = b"".join(entries_raw)
-    size = compact.RECORD.size
-    return header(len(entries_raw)) + zlib.compress(b"".join(raw[i::size] for i in range(size)))
 
 
-def raw_record(family: int = AF_INET, proto: int = PROTO_TCP, present: int = 0, status: int = 0) -> bytes:
-    values: list[int | bytes] = [family, proto, present | (1 << 11), V4A.ljust(16, b"\0"), V4B.ljust(16, b"\0"),
-                                 V4B.ljust(16, b"\0"), V4A.ljust(16, b"\0")]
-    values += [0] * 10 + [0, status] + [0] * 11 + [bytes(16)]
-    return compact.RECORD.pack(*values)
 
 
 @pytest.mark.parametrize(("record", "reason"), [
