@@ -23,6 +23,7 @@ CLEANUP_REMOVED = "cleanup: removed the dbus-vmstate object the helper of VM %d 
 CLEANUP_NONE_LEFT = "cleanup: the QEMU of VM %d holds no dbus-vmstate object"
 UNEXPECTED = "%s: unexpected error: %s: %s"
 LOAD_TABLE_FULL = "Load: left out %d entries to keep the conntrack table below %d of its %d (it held %d): %s"
+CACHE_WARM = "Save's cache is warm: %d entries encoded ahead by a background dump of %.0f ms (%.0f ms CPU)"
 LOAD_REMAPPED = ("Load: %d entries created with another NAT mapping: the one they had is held "
                  "by another entry on this host")
 

@@ -23,7 +23,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from . import savecache
+from . import messages, savecache
 from .errors import VMStateError
 from .savecache import Pieces, Scan, ScanTable
 
@@ -102,6 +102,8 @@ class Warmer:
         cpu = time.thread_time() - c0
         self.passes += 1
         self.cpu += cpu
+        if self.passes == 1:
+            log.info(messages.CACHE_WARM, len(pieces), (time.perf_counter() - t0) * 1e3, cpu * 1e3)
         log.debug("background dump %d: %d entries (%d found cached), %.1f ms, %.1f ms CPU",
                   self.passes, len(pieces), scan.hits, (time.perf_counter() - t0) * 1e3, cpu * 1e3)
         return cpu
