@@ -89,7 +89,7 @@ class ScanTable(Protocol):
         ...
 
     def dump_into(self, mark: int, sink: Callable[[], Scan],
-                  stop: threading.Event | None = None) -> Scan | None:
+                  stop: threading.Event | None = None, overlap: bool = False) -> Scan | None:
         """Feed a dump of the entries with ``mark`` to a new ``sink()``; None when stopped."""
         ...
 
@@ -246,6 +246,6 @@ class Scan:
         this dump, and the save line rests of the ``lines`` most important,
         made now where missing."""
         found = self._found if self._found is not None else {}
-        top = priority.first_positions(compact.summaries(self.raw()), lines) if self._records else []
+        top = priority.first_of_keys(compact.priority_keys(self.raw()), lines)
         rests = {self.keys[i]: self.rest(i) for i in top if self.keys[i] >= 0}
         return Pieces(MappingProxyType(found), MappingProxyType(rests))

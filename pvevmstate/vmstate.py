@@ -117,7 +117,7 @@ class VMState:
             # The dump is still the truth; the cache only spares encoding
             # what has not changed since a background dump.
             layouts = backend.layouts
-            scan = backend.dump_into(self.vmid, lambda: Scan(pieces, layouts))
+            scan = backend.dump_into(self.vmid, lambda: Scan(pieces, layouts), overlap=True)
             assert scan is not None  # never stopped
             out = payload.encode_sendable(scan, self.vmid, self._limit, self._format)
             out.expected = scan.expected

@@ -14,7 +14,9 @@ import dataclasses
 import errno
 import logging
 import os
+import queue
 import socket
+import struct
 import threading
 from collections.abc import Callable
 from typing import Protocol, TypeVar
@@ -37,6 +39,20 @@ ACK_COST = 1024
 # One sendmsg stays well under the send buffer (EMSGSIZE otherwise).
 MAX_SEND = 256 << 10
 DUMP_ATTEMPTS = 4
+#: Seconds after which an idle dump receiver looks whether it is still wanted.
+RECEIVER_WAKEUP = 0.05
+_DONE = struct.Struct("=IHHI")
+_ERROR_SIZE = 16 + 4 + 16  # header, errno, the request's header (NETLINK_CAP_ACK)
+
+
+def _ends_dump(data: bytes, n: int, seq: int) -> bool:
+    """Whether a datagram ends with dump ``seq``'s NLMSG_DONE or error (judged by its tail only)."""
+    for size, kind in ((20, netlink.NLMSG_DONE), (_ERROR_SIZE, netlink.NLMSG_ERROR)):
+        if n >= size:
+            length, mtype, _flags, mseq = _DONE.unpack_from(data, n - size)
+            if length == size and mtype == kind and mseq == seq:
+                return True
+    return False
 
 
 def _reply_differs(e: Entry) -> bool:
@@ -162,7 +178,8 @@ class Conntrack:
         assert sink is not None
         return sink.entries
 
-    def dump_into(self, mark: int, sink: Callable[[], S], stop: threading.Event | None = None) -> S | None:
+    def dump_into(self, mark: int, sink: Callable[[], S], stop: threading.Event | None = None,
+                  overlap: bool = False) -> S | None:
         """Feed every datagram of a dump of the entries with ``mark`` to a new ``sink()``.
 
         The kernel filters by mark and full mask. An interrupted dump
@@ -174,12 +191,14 @@ class Conntrack:
         :param stop: when set, the dump is abandoned between two datagrams
             and None returned (the socket is replaced: the kernel still has
             the rest of the dump queued for it)
+        :param overlap: receive in a second thread while this one feeds the
+            sink (:meth:`_dump_overlapped`; not with ``stop``)
         :raises ConntrackError: when the dump fails or keeps being interrupted
         """
         for attempt in range(1, DUMP_ATTEMPTS + 1):
             into = sink()
             try:
-                interrupted = self._dump_once(mark, into, stop)
+                interrupted = self._dump_once(mark, into, stop, overlap)
             except OSError as err:
                 if err.errno != errno.ENOBUFS:
                     raise ConntrackError("conntrack dump failed", err.errno) from err
@@ -201,10 +220,13 @@ class Conntrack:
         self._sock.close()
         self._sock = open_netlink_socket()
 
-    def _dump_once(self, mark: int, into: DumpSink, stop: threading.Event | None) -> bool | None:
+    def _dump_once(self, mark: int, into: DumpSink, stop: threading.Event | None,
+                   overlap: bool = False) -> bool | None:
         """Whether the dump was interrupted; None when it was abandoned (``stop``)."""
         seq = self._next_seq()
         self._sock.send(netlink.dump_request(seq, mark))
+        if overlap and stop is None:
+            return self._dump_overlapped(seq, into)
         interrupted = False
         while True:
             if stop is not None and stop.is_set():
@@ -214,6 +236,63 @@ class Conntrack:
             interrupted = interrupted or chunk.interrupted
             if chunk.done:
                 return interrupted
+
+    def _dump_overlapped(self, seq: int, into: DumpSink) -> bool:
+        """Feed the dump ``seq`` to ``into`` while a second thread receives it; whether it was interrupted.
+
+        The kernel builds a dump's next datagram inside the recv() that
+        returns the previous one, with the GIL let go: a receiving thread
+        keeps it busy while this one feeds the sink, and the dump costs about
+        the longer of the two instead of their sum. The receiver stops at a
+        datagram that ends with the dump's NLMSG_DONE or error; should it take
+        one for the end wrongly, this thread receives the rest itself, and
+        should it miss the end, it wakes from its socket timeout and sees
+        that this thread is done. Either way it is joined before the socket
+        serves anything else.
+        """
+        items: queue.SimpleQueue[tuple[bytes, int] | OSError | ConntrackError | None] = queue.SimpleQueue()
+        finished = threading.Event()
+
+        def receive() -> None:
+            try:
+                while not finished.is_set():
+                    try:
+                        data, n = self._recv()
+                    except TimeoutError:
+                        continue
+                    items.put((data, n))
+                    if _ends_dump(data, n, seq):
+                        break
+            except (OSError, ConntrackError) as err:
+                items.put(err)
+                return
+            items.put(None)
+
+        self._sock.settimeout(RECEIVER_WAKEUP)
+        receiver = threading.Thread(target=receive, name="ctnetlink-dump", daemon=True)
+        receiver.start()
+        interrupted = False
+        receiving = True
+        try:
+            while True:
+                item = items.get() if receiving else None
+                if item is None:
+                    if receiving:
+                        receiver.join()
+                        receiving = False
+                        self._sock.settimeout(None)
+                    item = self._recv()
+                elif isinstance(item, BaseException):
+                    raise item
+                data, n = item
+                chunk = into.feed(data, n, seq)
+                interrupted = interrupted or chunk.interrupted
+                if chunk.done:
+                    return interrupted
+        finally:
+            finished.set()
+            receiver.join()
+            self._sock.settimeout(None)
 
     def stats(self) -> TableStats:
         """The namespace's entry count and ``nf_conntrack_max``, asked over this socket.

@@ -167,9 +167,9 @@ def _compact_section(items: Sendable, limit: int) -> _Section:
         if len(data) <= limit:
             return _Section(count, data, raw)
         per_record = (len(data) - compact.HEADER.size) / count
-        summaries = list(compact.summaries(raw))
-        order = priority.order(summaries)
-        classes = [priority.class_of(proto, status, state) for proto, _t, status, state in summaries]
+        keys = compact.priority_keys(raw)
+        order = priority.order_of_keys(keys)
+        classes = [priority.class_of_key(k) for k in keys]
         view = memoryview(raw)
         ordered = b"".join([view[i * size:(i + 1) * size] for i in order])
     else:
@@ -203,13 +203,13 @@ def _encode_hybrid(items: Sendable, mark: int, limit: int) -> Payload:
     raw = compacted.raw
     if candidates is None:
         assert raw is not None
-        candidates = priority.first_positions(compact.summaries(raw), most)
+        candidates = priority.first_of_keys(compact.priority_keys(raw), most)
     text = savetext.pack_lines(items.lines(candidates), mark, room, count_rest=False)
     if not text.left_out and len(candidates) < len(items):
         # Lines conntrack cannot load were skipped and the candidates ran out
         # before the room did: take them all, in order.
         assert raw is not None
-        candidates = priority.order(compact.summaries(raw))
+        candidates = priority.order_of_keys(compact.priority_keys(raw))
         text = savetext.pack_lines(items.lines(candidates), mark, room, count_rest=False)
     body = section + text.data if text.sent else section
     return Payload(body, Format.HYBRID, n, compacted.left_out(n), text_sent=text.sent)

@@ -51,6 +51,7 @@ from __future__ import annotations
 import dataclasses
 import operator
 import struct
+import threading
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -58,6 +59,7 @@ from typing import Any
 from ..errors import CodecError
 from ..memo import Memo
 from ..model import AF_INET, AF_INET6, IPS_EXPECTED, Entry
+from . import priority
 from .base import Decoded
 
 MAGIC = b"PVCT"
@@ -189,11 +191,37 @@ def encode_raw(raw: bytes | bytearray) -> bytes:
     if n > MAX_RECORDS:
         raise CodecError("%d entries exceed the compact format's %d" % (n, MAX_RECORDS))
     columns = _columns(raw)
-    segments = []
+    return _assemble(columns, n, _compressed(columns))
+
+
+#: Column bytes from which a second thread compresses half the columns.
+PARALLEL_FROM = 1 << 18
+
+
+def _segments(columns: Sequence[bytes]) -> list[bytes]:
+    out = []
     for col in columns:
         z = _column_compressor()
-        segments.append(z.compress(col) + z.flush(zlib.Z_FULL_FLUSH))
-    return _assemble(columns, n, segments)
+        out.append(z.compress(col) + z.flush(zlib.Z_FULL_FLUSH))
+    return out
+
+
+def _compressed(columns: Sequence[bytes]) -> list[bytes]:
+    """Each column as a deflate segment (raw deflate, ended by a full flush).
+
+    zlib lets go of the GIL while it compresses, so for a large table a
+    second thread takes half the columns: Save's compression runs inside the
+    downtime, on a host with more than one core.
+    """
+    if sum(map(len, columns)) < PARALLEL_FROM:
+        return _segments(columns)
+    half = len(columns) // 2
+    first: list[list[bytes]] = []
+    helper = threading.Thread(target=lambda: first.append(_segments(columns[:half])), name="compress")
+    helper.start()
+    second = _segments(columns[half:])
+    helper.join()
+    return (first[0] if first else _segments(columns[:half])) + second
 
 
 def encode(entries: Sequence[Entry]) -> bytes:
@@ -274,9 +302,25 @@ def largest_prefix(raw: bytes | bytearray, limit: int, per_record: float) -> tup
 
 
 #: Just the fields the priority order reads, at their offsets in a record.
+_STATUS_OFFSET = TIMEOUT_OFFSET + 4
+_STATE_OFFSET = struct.calcsize("<BBI16s16s16s16sHHHHBBHBBHIIHHH")
 _SUMMARY = struct.Struct("<xB4x64x8x8xII6xB%dx" % (RECORD.size - 101))
 #: Inflate this much at a time: memory stays one record buffer plus a chunk.
 _CHUNK = 1 << 16
+
+
+def priority_keys(raw: bytes | bytearray) -> list[int]:
+    """The priority sort keys (:func:`.priority.column_keys`) of the records of ``raw``."""
+    size = RECORD.size
+    view = memoryview(raw)
+    timeouts = b"".join(bytes(view[TIMEOUT_OFFSET + i::size]) for i in range(4))
+    # Column-wise to record-wise: byte i of every timeout, then interleaved.
+    n = len(raw) // size
+    interleaved = bytearray(4 * n)
+    for i in range(4):
+        interleaved[i::4] = timeouts[i * n:(i + 1) * n]
+    return priority.column_keys(bytes(view[1::size]), bytes(view[_STATUS_OFFSET::size]),
+                                bytes(view[_STATE_OFFSET::size]), bytes(interleaved))
 
 
 def summaries(raw: bytes | bytearray) -> Iterator[tuple[int, int, int, int]]:

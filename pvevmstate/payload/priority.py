@@ -9,8 +9,10 @@ remaining timeout first.
 from __future__ import annotations
 
 import heapq
+import sys
+from array import array
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from ..model import IPS_ASSURED, PROTO_TCP, PROTO_UDP, TCP_STATE_ESTABLISHED, Entry
 
@@ -64,6 +66,91 @@ def first(entries: Sequence[Entry], k: int) -> list[Entry]:
 def first_positions(items: Iterable[tuple[int, int, int, int | None]], k: int) -> list[int]:
     """Positions of the ``k`` most important items, given as for :func:`order`, in that order."""
     return [key & _POSITION_MASK for key in heapq.nsmallest(k, _keys(items))]
+
+
+def first_of_keys(keys: list[int], k: int) -> list[int]:
+    """:func:`first_positions` of items given by their keys (:func:`column_keys`)."""
+    # Each run sorted on its own (the GIL is held per run only), its k
+    # smallest kept; the k smallest of those are the k smallest of all.
+    best: list[int] = []
+    for i in range(0, len(keys), RUN):
+        best += sorted(keys[i:i + RUN])[:k]
+    best.sort()
+    return [key & _POSITION_MASK for key in best[:k]]
+
+
+def order_of_keys(keys: list[int]) -> list[int]:
+    """:func:`order` of items given by their keys (:func:`column_keys`)."""
+    if len(keys) <= RUN:
+        return [k & _POSITION_MASK for k in sorted(keys)]
+    runs = [sorted(keys[i:i + RUN]) for i in range(0, len(keys), RUN)]
+    return [k & _POSITION_MASK for k in heapq.merge(*runs)]
+
+
+def class_of_key(key: int) -> int:
+    """The priority class a key (:func:`column_keys`) sorts by."""
+    return key >> _CLASS_SHIFT
+
+
+def _byte_table(pred: Callable[[int], bool]) -> bytes:
+    return bytes(1 if pred(b) else 0 for b in range(256))
+
+
+_IS_TCP = _byte_table(lambda b: b == PROTO_TCP)
+_IS_UDP = _byte_table(lambda b: b == PROTO_UDP)
+_IS_ASSURED = _byte_table(lambda b: bool(b & IPS_ASSURED))
+_IS_ESTABLISHED = _byte_table(lambda b: b == TCP_STATE_ESTABLISHED)
+_COMPLEMENT = bytes(255 - b for b in range(256))
+
+
+def column_keys(protos: bytes, status_low: bytes, states: bytes, timeouts: bytes) -> list[int]:
+    """The sort keys :func:`order` makes, of items given column by column.
+
+    The same ints as ``_keys`` gives for ``(protocol, timeout, status, state)``
+    items, made by whole-column operations in C (translate tables, big-integer
+    bit operations, strided copies) instead of Python per item: Save orders
+    every entry inside the downtime, ~50 ms at 50,000 entries the other way.
+    States are 0 where absent (as in compact records).
+
+    :param protos: each item's protocol number, one byte each
+    :param status_low: the low byte of each item's status bits
+    :param states: each item's protocol state, one byte each
+    :param timeouts: each item's timeout, 4 bytes little-endian each
+    """
+    n = len(protos)
+    if not n:
+        return []
+    if n > POSITION_LIMIT:
+        raise ValueError("%d items exceed %d" % (n, POSITION_LIMIT))
+    as_int = int.from_bytes
+    tcp, udp = as_int(protos.translate(_IS_TCP), "big"), as_int(protos.translate(_IS_UDP), "big")
+    assured = as_int(status_low.translate(_IS_ASSURED), "big")
+    established = as_int(states.translate(_IS_ESTABLISHED), "big")
+    ones = as_int(b"\x01" * n, "big")
+    # One bit per item, at the bottom of its byte: which class it is in.
+    c0 = tcp & assured & established
+    c1 = tcp ^ c0
+    c2 = udp & assured
+    c3 = ones ^ (tcp | c2)
+    classes = ((c1 | c3) | (c2 | c3) << 1).to_bytes(n, "big")
+    # Each key big-endian: class, timeout complemented (most significant
+    # byte first), position (3 bytes).
+    buf = bytearray(8 * n)
+    buf[0::8] = classes
+    inverted = timeouts.translate(_COMPLEMENT)
+    for i in range(4):
+        buf[1 + i::8] = inverted[3 - i::4]
+    positions = array("I", range(n))
+    if sys.byteorder == "little":
+        positions.byteswap()
+    raw_positions = positions.tobytes()
+    for i in range(3):
+        buf[5 + i::8] = raw_positions[1 + i::4]
+    keys = array("Q")
+    keys.frombytes(bytes(buf))
+    if sys.byteorder == "little":
+        keys.byteswap()
+    return keys.tolist()
 
 
 def order_of(entries: Sequence[Entry]) -> list[int]:

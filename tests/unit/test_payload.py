@@ -319,3 +319,22 @@ def test_bad_records_are_refused_one_by_one(record: bytes, reason: str) -> None:
 def test_format_is_documented_as_built() -> None:
     assert compact.RECORD.size == 130 == struct.calcsize("<BBI16s16s16s16sHHHHBBHBBHIIHHHBBIIBBBB16s")
     assert compact.HEADER.size == 12
+
+
+def test_column_keys_are_the_keys_item_by_item() -> None:
+    # Save orders entries by keys made column-wise in C; they must be the
+    # very ints the per-item formula gives, for any field values.
+    rng = random.Random(5)
+    items = [(rng.choice((1, 6, 17, 33, 58, 132, rng.randrange(256))), rng.choice((0, 1, 432000, 2**32 - 1,
+              rng.randrange(2**32))), rng.randrange(2**32), rng.choice((0, 3, 7, rng.randrange(256))))
+             for _ in range(20_000)]
+    want = list(priority._keys(items))
+    got = priority.column_keys(bytes(p for p, _t, _s, _st in items), bytes(s & 0xFF for _p, _t, s, _st in items),
+                               bytes(st for _p, _t, _s, st in items),
+                               b"".join(t.to_bytes(4, "little") for _p, t, _s, _st in items))
+    assert got == want
+    assert priority.order_of_keys(got) == priority.order(items)
+    assert priority.first_of_keys(got, 777) == priority.first_positions(items, 777)
+    entries = parsed(realistic_lines(5000, seed=9))
+    raw = b"".join(compact.records(entries))
+    assert compact.priority_keys(raw) == list(priority._keys(compact.summaries(raw)))
