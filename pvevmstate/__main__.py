@@ -210,7 +210,10 @@ def _run(args: argparse.Namespace) -> int:
     # left, the netlink socket is what fails, with the error that says so.
     from .netlink.conntrack import Conntrack
 
-    daemon = Daemon(settings, backend_factory=Conntrack)
+    # The background dumps' socket needs no more than a dump's datagram (at
+    # most 32 KiB) of buffer: memory the helper holds while it waits.
+    daemon = Daemon(settings, backend_factory=Conntrack,
+                    scan_factory=lambda: Conntrack(buffer_size=64 << 10))
     # Until the daemon's loop handles it, SIGINT ends the process as SIGTERM
     # does (nothing is registered yet) instead of raising KeyboardInterrupt;
     # this also keeps asyncio's runner from installing its own SIGINT handler.

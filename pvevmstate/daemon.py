@@ -178,6 +178,8 @@ class Daemon:
     :param bus_factory: opens the bus connection (the system bus by default)
     :param backend_factory: opens the conntrack table
     :param qemu: the VM's QEMU object (made from the settings by default)
+    :param scan_factory: opens the table the background dumps for Save's
+        cache read (another socket; by default ``backend_factory``'s)
     """
 
     def __init__(
@@ -186,10 +188,12 @@ class Daemon:
         bus_factory: Callable[[], SdBus] = sd_bus_open_system,
         backend_factory: Callable[[], ConntrackBackend] = open_table,
         qemu: QemuObject | None = None,
+        scan_factory: Callable[[], ConntrackBackend] | None = None,
     ) -> None:
         self.settings = settings
         self._bus_factory = bus_factory
         self._backend_factory = backend_factory
+        self._scan_factory = scan_factory or backend_factory
         self.qemu = qemu or settings.qemu_object(system_bus_address())
         self._stop: asyncio.Event | None = None
         self._reason = ""
@@ -351,7 +355,7 @@ class Daemon:
         """The background dumps for Save's cache, on a socket of their own; None when off."""
         if self.settings.cache_interval <= 0 or not isinstance(backend, ScanTable):
             return None
-        factory = self._backend_factory
+        factory = self._scan_factory
 
         def open_scan_table() -> ScanTable:
             table = factory()

@@ -47,8 +47,23 @@ EXPECTED = b""
 _TIMEOUT_AT = compact.TIMEOUT_OFFSET
 _NO_TIMEOUT = bytes(4)
 _RECORD = compact.RECORD.size
-#: Save lines whose rest is kept: no payload holds more lines than this.
+#: Save lines whose rest is kept at most: no payload holds more lines than this.
 MAX_LINES = payload.MAX_PAYLOAD // payload.MIN_TEXT_LINE + 1
+#: Compact bytes per record (base64 included) below which a table of the
+#: benchmark's mix never goes (~17 there): what the estimate of how many
+#: save lines fit behind the compact section assumes.
+MIN_ARMORED_RECORD = 12
+
+
+def lines_wanted(count: int, limit: int = payload.MAX_PAYLOAD) -> int:
+    """How many save line rests to keep for a table of ``count`` entries.
+
+    As many as can fit behind the smallest compact section such a table may
+    have, and at least a few hundred: a line needed but not kept costs Save
+    ~6 µs to make, a line kept costs ~250 bytes for as long as the helper waits.
+    """
+    room = limit - count * MIN_ARMORED_RECORD
+    return min(MAX_LINES, max(256, room // payload.MIN_TEXT_LINE + 1))
 
 
 def key_of(parts: Iterable[bytes]) -> int:
@@ -241,11 +256,13 @@ class Scan:
 
     # ------------------------------------------------------------- background
 
-    def pieces(self, lines: int = MAX_LINES) -> Pieces:
+    def pieces(self, lines: int | None = None) -> Pieces:
         """The next generation (a scan made with ``collect``): every entry of
         this dump, and the save line rests of the ``lines`` most important,
         made now where missing."""
         found = self._found if self._found is not None else {}
+        if lines is None:
+            lines = lines_wanted(len(self._records))
         top = priority.first_of_keys(compact.priority_keys(self.raw()), lines)
         rests = {self.keys[i]: self.rest(i) for i in top if self.keys[i] >= 0}
         return Pieces(MappingProxyType(found), MappingProxyType(rests))

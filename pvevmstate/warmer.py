@@ -31,6 +31,10 @@ log = logging.getLogger(__name__)
 
 #: Seconds between two passes at least.
 INTERVAL = 3.0
+#: Seconds from the start to the first pass: a helper whose Save comes at once
+#: (a migration of a VM with little RAM) is spared a dump it cannot use, and
+#: the start of many helpers at once is not slowed by theirs.
+FIRST_DELAY = 1.0
 #: Share of one core the passes may take.
 BUDGET = 0.1
 
@@ -52,6 +56,10 @@ class Warmer:
         self.pieces: Pieces = savecache.EMPTY
         self._stopped = threading.Event()
         self._table: ScanTable | None = None
+        # Held by a pass: the socket is closed only between passes, never
+        # under a thread that may still read it (its descriptor could be
+        # reused by then, by the QMP connection of the teardown, say).
+        self._busy = threading.Lock()
         self.passes = 0
         #: CPU seconds the passes took, all together.
         self.cpu = 0.0
@@ -69,6 +77,7 @@ class Warmer:
     async def run(self) -> None:
         """Dump, publish and pause until stopped; a failing pass is logged, never raised."""
         try:
+            await asyncio.sleep(min(self.interval, FIRST_DELAY))
             while not self._stopped.is_set():
                 try:
                     cost = await asyncio.to_thread(self._pass)
@@ -81,12 +90,17 @@ class Warmer:
             await asyncio.to_thread(self._close)
 
     def _close(self) -> None:
-        if self._table is not None:
-            self._table.close()
-            self._table = None
+        with self._busy:
+            if self._table is not None:
+                self._table.close()
+                self._table = None
 
     def _pass(self) -> float:
         """One background dump; its CPU seconds."""
+        with self._busy:
+            return self._pass_locked()
+
+    def _pass_locked(self) -> float:
         t0, c0 = time.perf_counter(), time.thread_time()
         if self._table is None:
             self._table = self._open()

@@ -135,10 +135,12 @@ class Conntrack:
     Not thread-safe: one operation at a time (VMState serialises them).
     """
 
-    def __init__(self, sock: socket.socket | None = None) -> None:
+    def __init__(self, sock: socket.socket | None = None, buffer_size: int = 1 << 20) -> None:
         self._sock = sock if sock is not None else open_netlink_socket()
         self._seq = 0
-        self._buf = bytearray(1 << 20)
+        # A dump's datagrams are at most 32 KiB (the kernel caps them so);
+        # the rest of the default is for the replies a create batch piles up.
+        self._buf = bytearray(buffer_size)
         #: Dump layouts learned on this table's messages (kept across dumps and socket reopenings).
         self._layouts = netlink.LayoutCache()
         try:
