@@ -96,6 +96,20 @@ class QMPClient:
         except QMPError as err:
             await self.close()
             raise QMPConnectError("QMP negotiation on %s failed: %s" % (self.path, err)) from err
+        except BaseException:
+            # Cancelled during the handshake (the teardown stops a migration
+            # follower): ``async with`` does not close a session whose
+            # connect did not return, and the monitor serves one client at a
+            # time, so an open socket left to the garbage collector would
+            # keep the next session (the object's removal) from its greeting.
+            self._abort()
+            raise
+
+    def _abort(self) -> None:
+        """Close the connection now, without waiting (for a cancelled caller)."""
+        writer, self._writer, self._reader = self._writer, None, None
+        if writer is not None:
+            writer.close()
 
     async def close(self) -> None:
         """Close the session; never raises."""

@@ -130,6 +130,30 @@ def test_no_greeting_times_out_as_a_connect_error(sock: Path) -> None:
     run(ScriptedQEMU(sock, lambda cmd: None, greeting=None), body)
 
 
+def test_a_handshake_cancelled_closes_the_connection(sock: Path) -> None:
+    # The teardown cancels a migration follower that may be in its handshake;
+    # the monitor serves one client at a time, so that connection must close
+    # at once, not when the garbage collector finds it.
+    server = ScriptedQEMU(sock, lambda cmd: None, greeting=None)
+
+    async def body() -> None:
+        client = QMPClient(str(sock), timeout=30)
+        task = asyncio.create_task(client.connect())
+        while server.sessions == 0:
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        for _ in range(100):
+            if server.closed:
+                break
+            await asyncio.sleep(0.01)
+        assert server.closed == 1
+        del client, task
+
+    run(server, body)
+
+
 def test_not_qmp_is_a_connect_error(sock: Path) -> None:
     async def body() -> None:
         with pytest.raises(QMPConnectError, match="did not greet"):
