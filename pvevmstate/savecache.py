@@ -85,6 +85,9 @@ class Pieces:
     #: or None when conntrack(8) cannot load its line; only for the entries
     #: most likely to go as save lines (:data:`MAX_LINES`).
     rests: Mapping[int, str | None] = field(default_factory=dict)
+    #: The layouts the background dumps learned (safe to share between
+    #: threads): Save's scan reads by them instead of learning them again.
+    layouts: LayoutCache | None = None
 
     def __len__(self) -> int:
         return len(self.records)
@@ -265,4 +268,4 @@ class Scan:
             lines = lines_wanted(len(self._records))
         top = priority.first_of_keys(compact.priority_keys(self.raw()), lines)
         rests = {self.keys[i]: self.rest(i) for i in top if self.keys[i] >= 0}
-        return Pieces(MappingProxyType(found), MappingProxyType(rests))
+        return Pieces(MappingProxyType(found), MappingProxyType(rests), self._layouts)

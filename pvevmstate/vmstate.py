@@ -116,7 +116,7 @@ class VMState:
         if pieces and self._format != payload.Choice.TEXT and isinstance(backend, ScanTable):
             # The dump is still the truth; the cache only spares encoding
             # what has not changed since a background dump.
-            layouts = backend.layouts
+            layouts = pieces.layouts or backend.layouts
             scan = backend.dump_into(self.vmid, lambda: Scan(pieces, layouts), overlap=True)
             assert scan is not None  # never stopped
             out = payload.encode_sendable(scan, self.vmid, self._limit, self._format)
