@@ -138,8 +138,9 @@ class _Section:
 
     sent: int
     data: bytes
-    #: The items' records, in item order (None for more than compact.MAX_RECORDS items).
-    raw: bytes | bytearray | None
+    #: The items' records, in item order, as columns (compact.columns_of;
+    #: None for more than compact.MAX_RECORDS items).
+    columns: list[bytes] | None
     #: Positions most important first, when not all items fit (None: item order).
     order: list[int] | None = None
     #: Each item's priority class, when not all items fit.
@@ -163,11 +164,12 @@ def _compact_section(items: Sendable, limit: int) -> _Section:
     count = len(items)
     if count <= compact.MAX_RECORDS:
         raw = items.raw()
-        data = compact.encode_raw(raw)
+        columns = compact.columns_of(raw)
+        data = compact.encode_columns(columns)
         if len(data) <= limit:
-            return _Section(count, data, raw)
+            return _Section(count, data, columns)
         per_record = (len(data) - compact.HEADER.size) / count
-        keys = compact.priority_keys(raw)
+        keys = compact.priority_keys_of(columns)
         order = priority.order_of_keys(keys)
         classes = [priority.class_of_key(k) for k in keys]
         view = memoryview(raw)
@@ -176,11 +178,11 @@ def _compact_section(items: Sendable, limit: int) -> _Section:
         entries = items.entries()
         order = priority.order_of(entries)
         classes = [priority.priority_class(e) for e in entries]
-        raw = None
         ordered = b"".join(compact.records([entries[i] for i in order[:compact.MAX_RECORDS]]))
         per_record = 16.0  # a typical table's bytes per entry; only the first guess
     n, data = compact.largest_prefix(ordered, limit, per_record)
-    return _Section(n, data, raw, order, classes)
+    # Not all fit: the save lines follow this order, no keys are needed again.
+    return _Section(n, data, None, order, classes)
 
 
 def _encode_hybrid(items: Sendable, mark: int, limit: int) -> Payload:
@@ -200,16 +202,16 @@ def _encode_hybrid(items: Sendable, mark: int, limit: int) -> Payload:
     # is a few hundred of tens of thousands.
     most = room // MIN_TEXT_LINE + 1  # more lines than this never fit
     candidates = compacted.order
-    raw = compacted.raw
+    keys = compact.priority_keys_of(compacted.columns) if compacted.columns is not None else None
     if candidates is None:
-        assert raw is not None
-        candidates = priority.first_of_keys(compact.priority_keys(raw), most)
+        assert keys is not None
+        candidates = priority.first_of_keys(keys, most)
     text = savetext.pack_lines(items.lines(candidates), mark, room, count_rest=False)
     if not text.left_out and len(candidates) < len(items):
         # Lines conntrack cannot load were skipped and the candidates ran out
         # before the room did: take them all, in order.
-        assert raw is not None
-        candidates = priority.order_of_keys(compact.priority_keys(raw))
+        assert keys is not None
+        candidates = priority.order_of_keys(keys)
         text = savetext.pack_lines(items.lines(candidates), mark, room, count_rest=False)
     body = section + text.data if text.sent else section
     return Payload(body, Format.HYBRID, n, compacted.left_out(n), text_sent=text.sent)

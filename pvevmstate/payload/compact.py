@@ -49,6 +49,7 @@ entries are built from it a batch at a time (:class:`Records`).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import operator
 import struct
 import threading
@@ -187,10 +188,22 @@ def encode_raw(raw: bytes | bytearray) -> bytes:
 
     :raises CodecError: when there are too many records
     """
-    n = len(raw) // RECORD.size
+    return encode_columns(columns_of(raw))
+
+
+def columns_of(raw: bytes | bytearray) -> list[bytes]:
+    """The records of ``raw`` byte-shuffled: column i holds byte i of every record."""
+    return _columns(raw)
+
+
+def encode_columns(columns: Sequence[bytes]) -> bytes:
+    """:func:`encode_raw` of records given as their columns (:func:`columns_of`).
+
+    :raises CodecError: when there are too many records
+    """
+    n = len(columns[0])
     if n > MAX_RECORDS:
         raise CodecError("%d entries exceed the compact format's %d" % (n, MAX_RECORDS))
-    columns = _columns(raw)
     return _assemble(columns, n, _compressed(columns))
 
 
@@ -210,18 +223,26 @@ def _compressed(columns: Sequence[bytes]) -> list[bytes]:
     """Each column as a deflate segment (raw deflate, ended by a full flush).
 
     zlib lets go of the GIL while it compresses, so for a large table a
-    second thread takes half the columns: Save's compression runs inside the
-    downtime, on a host with more than one core.
+    second thread compresses too: Save's compression runs inside the
+    downtime, on a host with more than one core. The two take the next
+    column as each is free (columns differ much in how long they take).
     """
     if sum(map(len, columns)) < PARALLEL_FROM:
         return _segments(columns)
-    half = len(columns) // 2
-    first: list[list[bytes]] = []
-    helper = threading.Thread(target=lambda: first.append(_segments(columns[:half])), name="compress")
+    out: list[bytes | None] = [None] * len(columns)
+    # next() on a shared counter is one step under the GIL: no column twice.
+    todo = itertools.count()
+
+    def work() -> None:
+        while (i := next(todo)) < len(columns):
+            out[i] = _segments(columns[i:i + 1])[0]
+
+    helper = threading.Thread(target=work, name="compress")
     helper.start()
-    second = _segments(columns[half:])
+    work()
     helper.join()
-    return (first[0] if first else _segments(columns[:half])) + second
+    # A column the helper left (it failed) is compressed here.
+    return [seg if seg is not None else _segments(columns[i:i + 1])[0] for i, seg in enumerate(out)]
 
 
 def encode(entries: Sequence[Entry]) -> bytes:
@@ -311,16 +332,16 @@ _CHUNK = 1 << 16
 
 def priority_keys(raw: bytes | bytearray) -> list[int]:
     """The priority sort keys (:func:`.priority.column_keys`) of the records of ``raw``."""
-    size = RECORD.size
-    view = memoryview(raw)
-    timeouts = b"".join(bytes(view[TIMEOUT_OFFSET + i::size]) for i in range(4))
-    # Column-wise to record-wise: byte i of every timeout, then interleaved.
-    n = len(raw) // size
-    interleaved = bytearray(4 * n)
+    return priority_keys_of(columns_of(raw))
+
+
+def priority_keys_of(columns: Sequence[bytes]) -> list[int]:
+    """:func:`priority_keys` of records given as their columns (:func:`columns_of`)."""
+    n = len(columns[0])
+    timeouts = bytearray(4 * n)
     for i in range(4):
-        interleaved[i::4] = timeouts[i * n:(i + 1) * n]
-    return priority.column_keys(bytes(view[1::size]), bytes(view[_STATUS_OFFSET::size]),
-                                bytes(view[_STATE_OFFSET::size]), bytes(interleaved))
+        timeouts[i::4] = columns[TIMEOUT_OFFSET + i]
+    return priority.column_keys(columns[1], columns[_STATUS_OFFSET], columns[_STATE_OFFSET], bytes(timeouts))
 
 
 def summaries(raw: bytes | bytearray) -> Iterator[tuple[int, int, int, int]]:
