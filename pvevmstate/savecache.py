@@ -31,9 +31,10 @@ import sys
 import threading
 import zlib
 from array import array
+from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from types import MappingProxyType
+from itertools import accumulate
 from typing import Protocol, runtime_checkable
 
 from . import netlink, payload
@@ -72,6 +73,81 @@ def key_of(parts: Iterable[bytes]) -> int:
     return hash(data) & _KEY_MASK | zlib.crc32(data) << 64
 
 
+def _sorted_halves(keys: Iterable[int]) -> tuple[list[int], array[int], array[int]]:
+    ordered = sorted(keys, key=lambda k: k & _KEY_MASK)
+    return ordered, array("Q", [k & _KEY_MASK for k in ordered]), array("I", [k >> 64 for k in ordered])
+
+
+def _find(hashes: array[int], crcs: array[int], key: int) -> int:
+    """Where ``key`` is in the sorted halves, or -1."""
+    low = key & _KEY_MASK
+    i = bisect_left(hashes, low)
+    crc = key >> 64
+    while i < len(hashes) and hashes[i] == low:
+        if crcs[i] == crc:
+            return i
+        i += 1
+    return -1
+
+
+class RestTable:
+    """key -> the rest of a save line (or None: conntrack(8) cannot load it),
+    flat like :class:`RecordTable`."""
+
+    __slots__ = ("_crcs", "_ends", "_hashes", "_none", "_text")
+
+    def __init__(self, rests: Mapping[int, str | None]) -> None:
+        keys, self._hashes, self._crcs = _sorted_halves(k for k, r in rests.items() if r is not None)
+        texts = [rests[k] or "" for k in keys]
+        self._text = "".join(texts)
+        self._ends = array("I", accumulate(map(len, texts)))
+        self._none = frozenset(k for k, r in rests.items() if r is None)
+
+    def __len__(self) -> int:
+        return len(self._hashes) + len(self._none)
+
+    def get(self, key: int) -> tuple[bool, str | None]:
+        """Whether ``key`` is here, and its rest."""
+        i = _find(self._hashes, self._crcs, key)
+        if i >= 0:
+            return True, self._text[self._ends[i - 1] if i else 0:self._ends[i]]
+        return key in self._none, None
+
+
+class RecordTable:
+    """key -> record, in three flat buffers instead of a dict of objects.
+
+    A dict would hold a key object and a bytes object per entry (~260 bytes
+    with the dict's own share); these buffers hold 142 bytes an entry and no
+    object per entry at all, so the memory a background pass frees goes back
+    to the system instead of staying in the heap around long-lived objects.
+    Lookups bisect the sorted 64-bit halves of the keys (about 17 steps at
+    50,000 entries) and compare the CRC half.
+
+    :param found: key -> record (:data:`EXPECTED` for an expected entry)
+    """
+
+    __slots__ = ("_crcs", "_expected", "_hashes", "_records")
+
+    def __init__(self, found: Mapping[int, bytes]) -> None:
+        keys, self._hashes, self._crcs = _sorted_halves(k for k, r in found.items() if r)
+        self._records = b"".join([found[k] for k in keys])
+        self._expected = frozenset(k for k, r in found.items() if not r)
+
+    def __len__(self) -> int:
+        return len(self._hashes) + len(self._expected)
+
+    def __contains__(self, key: int) -> bool:
+        return self.get(key) is not None
+
+    def get(self, key: int) -> bytes | None:
+        """The record of ``key`` (:data:`EXPECTED` for an expected entry), or None."""
+        i = _find(self._hashes, self._crcs, key)
+        if i >= 0:
+            return self._records[i * _RECORD:(i + 1) * _RECORD]
+        return EXPECTED if key in self._expected else None
+
+
 @dataclass(frozen=True, slots=True)
 class Pieces:
     """One generation of the cache: what a background dump found, ready to send.
@@ -80,11 +156,11 @@ class Pieces:
     """
 
     #: key -> the entry's compact record with timeout 0 (:data:`EXPECTED` for an expected entry).
-    records: Mapping[int, bytes] = field(default_factory=dict)
+    records: RecordTable = field(default_factory=lambda: RecordTable({}))
     #: key -> the rest of the entry's save line (:func:`savetext.render_rest`),
     #: or None when conntrack(8) cannot load its line; only for the entries
     #: most likely to go as save lines (:data:`MAX_LINES`).
-    rests: Mapping[int, str | None] = field(default_factory=dict)
+    rests: RestTable = field(default_factory=lambda: RestTable({}))
     #: The layouts the background dumps learned (safe to share between
     #: threads): Save's scan reads by them instead of learning them again.
     layouts: LayoutCache | None = None
@@ -93,7 +169,7 @@ class Pieces:
         return len(self.records)
 
 
-EMPTY = Pieces(MappingProxyType({}), MappingProxyType({}))
+EMPTY = Pieces(RecordTable({}), RestTable({}))
 
 
 @runtime_checkable
@@ -239,9 +315,9 @@ class Scan:
     def rest(self, i: int) -> str | None:
         """The rest of item ``i``'s save line, or None when conntrack(8) cannot load it."""
         key = self.keys[i]
-        rests = self._pieces.rests
-        if key in rests:
-            return rests[key]
+        cached, rest = self._pieces.rests.get(key)
+        if cached:
+            return rest
         if key in self._rests:
             return self._rests[key]
         rest = self._rests[key] = _rest(self._entry(i))
@@ -268,4 +344,4 @@ class Scan:
             lines = lines_wanted(len(self._records))
         top = priority.first_of_keys(compact.priority_keys(self.raw()), lines)
         rests = {self.keys[i]: self.rest(i) for i in top if self.keys[i] >= 0}
-        return Pieces(MappingProxyType(found), MappingProxyType(rests), self._layouts)
+        return Pieces(RecordTable(found), RestTable(rests), self._layouts)

@@ -48,6 +48,7 @@ from tests import client
 from tests.support import REPO, PrivateBus, Qemu, helper_command, realistic_lines, start_bus, start_qemu
 
 VMID = 100
+EXTRA: list[str] = []
 OTHER_MARKS = (200, 201, 202)
 
 
@@ -113,7 +114,7 @@ class Helper:
         self.t_exec = time.perf_counter()
         with log.open("wb") as out:
             self.proc = subprocess.Popen(
-                helper_command(None, str(VMID), "--qmp-socket", str(qemu.qmp_path), "--linger", "3600"),
+                helper_command(None, str(VMID), "--qmp-socket", str(qemu.qmp_path), "--linger", "3600", *EXTRA),
                 env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
                 # Enter the namespace in the child, so no `ip netns exec` is timed;
                 # the benchmark starts no threads.
