@@ -8,6 +8,7 @@ the host while a Save or Load is under way.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 from collections import Counter
@@ -111,6 +112,18 @@ class VMState:
         return self.warmer.stop() if self.warmer is not None else savecache.EMPTY
 
     def _save(self, pieces: Pieces) -> SaveReport:
+        # Save allocates an object or two per entry and frees none until it
+        # ends: the cyclic collector would walk every object of the process
+        # again and again (the cache holds no cycles, nor does the payload).
+        enabled = gc.isenabled()
+        gc.disable()
+        try:
+            return self._save_now(pieces)
+        finally:
+            if enabled:
+                gc.enable()
+
+    def _save_now(self, pieces: Pieces) -> SaveReport:
         t0 = time.perf_counter()
         backend = self._backend
         if pieces and self._format != payload.Choice.TEXT and isinstance(backend, ScanTable):
