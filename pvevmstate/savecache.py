@@ -27,6 +27,7 @@ changed, so Save reads it while a background scan builds the next one.
 
 from __future__ import annotations
 
+import heapq
 import sys
 import threading
 import zlib
@@ -73,8 +74,16 @@ def key_of(parts: Iterable[bytes]) -> int:
     return hash(data) & _KEY_MASK | zlib.crc32(data) << 64
 
 
+#: Keys sorted in one C call: a background pass must not hold the GIL for
+#: long either (the event loop answers every VM's ``Id``).
+_RUN = 4096
+
+
 def _sorted_halves(keys: Iterable[int]) -> tuple[list[int], array[int], array[int]]:
-    ordered = sorted(keys, key=lambda k: k & _KEY_MASK)
+    """The keys sorted by their low 64 bits, and their two halves as arrays."""
+    pairs = [(k & _KEY_MASK, k) for k in keys]
+    runs = [sorted(pairs[i:i + _RUN]) for i in range(0, len(pairs), _RUN)]
+    ordered = [k for _low, k in heapq.merge(*runs)]
     return ordered, array("Q", [k & _KEY_MASK for k in ordered]), array("I", [k >> 64 for k in ordered])
 
 
