@@ -348,9 +348,23 @@ class Scan:
         """The next generation (a scan made with ``collect``): every entry of
         this dump, and the save line rests of the ``lines`` most important,
         made now where missing."""
+        made = self.pieces_until(threading.Event(), lines)
+        assert made is not None
+        return made
+
+    def pieces_until(self, stop: threading.Event, lines: int | None = None) -> Pieces | None:
+        """:meth:`pieces`, or None when ``stop`` is set meanwhile (Save has
+        begun: a background thread must not compete with it for long)."""
         found = self._found if self._found is not None else {}
         if lines is None:
             lines = lines_wanted(len(self._records))
         top = priority.first_of_keys(compact.priority_keys(self.raw()), lines)
-        rests = {self.keys[i]: self.rest(i) for i in top if self.keys[i] >= 0}
+        rests: dict[int, str | None] = {}
+        for n, i in enumerate(top):
+            if n % 256 == 0 and stop.is_set():
+                return None
+            if self.keys[i] >= 0:
+                rests[self.keys[i]] = self.rest(i)
+        if stop.is_set():
+            return None
         return Pieces(RecordTable(found), RestTable(rests), self._layouts)

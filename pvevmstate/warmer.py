@@ -124,8 +124,8 @@ class Warmer:
         scan = table.dump_into(self.vmid, lambda: Scan(old, table.layouts, collect=True), self._stopped)
         if scan is None or self._stopped.is_set():
             return 0.0
-        pieces = scan.pieces()
-        if self._stopped.is_set():
+        pieces = scan.pieces_until(self._stopped)
+        if pieces is None or self._stopped.is_set():
             return 0.0  # Save has begun with the generation before: leave it be
         self.pieces = pieces
         hits = scan.hits
