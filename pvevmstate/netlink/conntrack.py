@@ -191,8 +191,9 @@ class Conntrack:
         :param mark: the CONNMARK to select
         :param sink: makes what the datagrams go to (one per attempt)
         :param stop: when set, the dump is abandoned between two datagrams
-            and None returned (the socket is replaced: the kernel still has
-            the rest of the dump queued for it)
+            and None returned; the table is closed then (the kernel still has
+            the rest of the dump queued for its socket, and whoever stopped
+            it wants the CPU, not a new socket)
         :param overlap: receive in a second thread while this one feeds the
             sink (:meth:`_dump_overlapped`; not with ``stop``)
         :raises ConntrackError: when the dump fails or keeps being interrupted
@@ -207,7 +208,7 @@ class Conntrack:
                 reason = "overran the receive buffer (ENOBUFS)"
             else:
                 if interrupted is None:
-                    self._reopen()
+                    self.close()
                     return None
                 if not interrupted:
                     return into
