@@ -220,3 +220,25 @@ def test_overlapped_dump_gets_what_a_plain_one_gets(netns_factory: NetnsFactory)
         want = [dataclasses.replace(e, timeout=0) for buf, size, seq in plain for e in _decoded(buf, size, seq)]
         assert got == want and len(got) == 20_000
         assert table.stats().count == 22_000  # the socket answers the next request
+
+
+def test_save_overtakes_a_background_dump(netns_factory: NetnsFactory, helper_factory: HelperFactory) -> None:
+    # Save comes while the first background dump (every entry encoded) still
+    # runs: it answers from its own dump, the background one is abandoned and
+    # nothing of it lingers.
+    ns = netns_factory()
+    ns.load(realistic_lines(30_000, seed=31, min_timeout=900), mark=VMID)
+    helper = helper_factory(ns, VMID, "--cache-interval", "0.3", "--debug")
+    time.sleep(0.8)
+    assert "Save's cache is warm" not in helper.journal()  # the first dump still runs
+    data = client.save(client.vm(VMID))
+    decoded = payload.decode(data, VMID)
+    fresh = sorted(strip_timeout(ln + " --mark %d" % VMID) for ln in ns.save_lines(VMID))
+    got = sorted(strip_timeout(savetext.render_line(e) + " --mark %d" % VMID) for e in decoded.entries)
+    assert got == fresh and len(got) == 30_000
+    time.sleep(1.5)
+    journal = helper.journal()
+    assert "Save: 30000 entries" in journal and "Save's cache is warm" not in journal, journal
+    assert "<3>" not in journal and "background dump 1" not in journal, journal
+    client.quit_helper(client.vm(VMID))
+    assert helper.wait_exit() == 0
