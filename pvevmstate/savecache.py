@@ -35,7 +35,6 @@ from array import array
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from itertools import accumulate
 from typing import Protocol, runtime_checkable
 
 from . import netlink, payload
@@ -99,49 +98,47 @@ def _find(hashes: array[int], crcs: array[int], key: int) -> int:
     return -1
 
 
-class RestTable:
-    """key -> the rest of a save line (or None: conntrack(8) cannot load it),
-    flat like :class:`RecordTable`."""
-
-    __slots__ = ("_crcs", "_ends", "_hashes", "_none", "_text")
-
-    def __init__(self, rests: Mapping[int, str | None]) -> None:
-        keys, self._hashes, self._crcs = _sorted_halves(k for k, r in rests.items() if r is not None)
-        texts = [rests[k] or "" for k in keys]
-        self._text = "".join(texts)
-        self._ends = array("I", accumulate(map(len, texts)))
-        self._none = frozenset(k for k, r in rests.items() if r is None)
-
-    def __len__(self) -> int:
-        return len(self._hashes) + len(self._none)
-
-    def get(self, key: int) -> tuple[bool, str | None]:
-        """Whether ``key`` is here, and its rest."""
-        i = _find(self._hashes, self._crcs, key)
-        if i >= 0:
-            return True, self._text[self._ends[i - 1] if i else 0:self._ends[i]]
-        return key in self._none, None
+#: A record's save line rest: not kept, or conntrack(8) cannot load its line.
+_NOT_KEPT, _NO_LINE = -1, -2
 
 
 class RecordTable:
-    """key -> record, in three flat buffers instead of a dict of objects.
+    """key -> record and save line rest, in flat buffers instead of dicts of objects.
 
-    A dict would hold a key object and a bytes object per entry (~260 bytes
-    with the dict's own share); these buffers hold 142 bytes an entry and no
+    Dicts would hold a key object and a bytes object per entry (~260 bytes
+    with the dict's own share); these buffers hold ~150 bytes an entry and no
     object per entry at all, so the memory a background pass frees goes back
     to the system instead of staying in the heap around long-lived objects.
     Lookups bisect the sorted 64-bit halves of the keys (about 17 steps at
-    50,000 entries) and compare the CRC half.
+    50,000 entries) and compare the CRC half; the slot found gives the record
+    and the rest both.
 
     :param found: key -> record (:data:`EXPECTED` for an expected entry)
+    :param rests: key -> the rest of its save line, or None when conntrack(8)
+        cannot load its line, for the keys whose rest is kept
     """
 
-    __slots__ = ("_crcs", "_expected", "_hashes", "_records")
+    __slots__ = ("_crcs", "_ends", "_expected", "_hashes", "_records", "_starts", "_text")
 
-    def __init__(self, found: Mapping[int, bytes]) -> None:
+    def __init__(self, found: Mapping[int, bytes], rests: Mapping[int, str | None] | None = None) -> None:
         keys, self._hashes, self._crcs = _sorted_halves(k for k, r in found.items() if r)
         self._records = b"".join([found[k] for k in keys])
         self._expected = frozenset(k for k, r in found.items() if not r)
+        rests = rests or {}
+        texts: list[str] = []
+        self._starts, self._ends = array("i"), array("i")
+        at = 0
+        for k in keys:
+            rest = rests.get(k, _NOT_KEPT)
+            if isinstance(rest, str):
+                texts.append(rest)
+                self._starts.append(at)
+                at += len(rest)
+                self._ends.append(at)
+            else:
+                self._starts.append(_NOT_KEPT if rest == _NOT_KEPT else _NO_LINE)
+                self._ends.append(0)
+        self._text = "".join(texts)
 
     def __len__(self) -> int:
         return len(self._hashes) + len(self._expected)
@@ -149,11 +146,30 @@ class RecordTable:
     def __contains__(self, key: int) -> bool:
         return self.get(key) is not None
 
+    def find(self, key: int) -> int:
+        """The slot of ``key``'s record, or -1 (also for an expected entry)."""
+        return _find(self._hashes, self._crcs, key)
+
+    def expected(self, key: int) -> bool:
+        """Whether ``key`` is an expected entry's."""
+        return key in self._expected
+
+    def record(self, slot: int) -> bytes:
+        """The record in ``slot`` (timeout 0)."""
+        return self._records[slot * _RECORD:(slot + 1) * _RECORD]
+
+    def rest(self, slot: int) -> tuple[bool, str | None]:
+        """Whether the rest of ``slot``'s save line is kept, and the rest (None: no line)."""
+        start = self._starts[slot]
+        if start >= 0:
+            return True, self._text[start:self._ends[slot]]
+        return start == _NO_LINE, None
+
     def get(self, key: int) -> bytes | None:
         """The record of ``key`` (:data:`EXPECTED` for an expected entry), or None."""
-        i = _find(self._hashes, self._crcs, key)
-        if i >= 0:
-            return self._records[i * _RECORD:(i + 1) * _RECORD]
+        slot = self.find(key)
+        if slot >= 0:
+            return self.record(slot)
         return EXPECTED if key in self._expected else None
 
 
@@ -164,12 +180,11 @@ class Pieces:
     Never changed once made: Save reads it without a lock.
     """
 
-    #: key -> the entry's compact record with timeout 0 (:data:`EXPECTED` for an expected entry).
+    #: key -> the entry's compact record with timeout 0 (:data:`EXPECTED` for
+    #: an expected entry), and the rest of its save line
+    #: (:func:`savetext.render_rest`) for the entries most likely to go as
+    #: save lines (:func:`lines_wanted`).
     records: RecordTable = field(default_factory=lambda: RecordTable({}))
-    #: key -> the rest of the entry's save line (:func:`savetext.render_rest`),
-    #: or None when conntrack(8) cannot load its line; only for the entries
-    #: most likely to go as save lines (:data:`MAX_LINES`).
-    rests: RestTable = field(default_factory=lambda: RestTable({}))
     #: The layouts the background dumps learned (safe to share between
     #: threads): Save's scan reads by them instead of learning them again.
     layouts: LayoutCache | None = None
@@ -178,7 +193,7 @@ class Pieces:
         return len(self.records)
 
 
-EMPTY = Pieces(RecordTable({}), RestTable({}))
+EMPTY = Pieces(RecordTable({}))
 
 
 @runtime_checkable
@@ -223,6 +238,8 @@ class Scan:
         self.keys: list[int] = []
         self._records: list[bytes] = []
         self._timeouts = array("I")
+        #: Each item's slot in the cache's table (-1: encoded by this scan).
+        self._slots = array("i")
         #: Rests made during this scan (misses, and lines not in the cache).
         self._rests: dict[int, str | None] = {}
         #: The next generation's records (background scans only).
@@ -239,8 +256,9 @@ class Scan:
         # names it uses are locals here.
         layouts = self._layouts
         known = layouts.snapshot()
-        get = self._pieces.records.get
-        keys, records, timeouts = self.keys, self._records, self._timeouts
+        table = self._pieces.records
+        find, record_at = table.find, table.record
+        keys, records, timeouts, slots = self.keys, self._records, self._timeouts, self._slots
         found = self._found
         join, crc32, mask = b"".join, zlib.crc32, _KEY_MASK
         from_bytes = int.from_bytes
@@ -256,23 +274,29 @@ class Scan:
                 for lay in lays:
                     data = join(lay.stable(buf, off))
                     key = hash(data) & mask | crc32(data) << 64
-                    record = get(key)
-                    if record is None:
+                    slot = find(key)
+                    if slot < 0:
+                        if table.expected(key):
+                            self.hits += 1
+                            self._take(key, EXPECTED, buf, off, -1)
+                            return
                         continue
                     self.hits += 1
-                    if found is not None or not record:
-                        self._take(key, record, buf, off, lay.timeout_at)
+                    record = record_at(slot)
+                    if found is not None:
+                        self._take(key, record, buf, off, lay.timeout_at, slot=slot)
                         return
                     at = lay.timeout_at
                     keys.append(key)
                     records.append(record)
+                    slots.append(slot)
                     timeouts.append(from_bytes(buf[off + at:off + at + 4], "big") if at >= 0 else 0)
                     return
             self._miss(buf, off, mlen)
 
         return netlink.walk_dump(buf, size, seq, message)
 
-    def _take(self, key: int, record: bytes, buf: bytes, off: int, at: int) -> None:
+    def _take(self, key: int, record: bytes, buf: bytes, off: int, at: int, *, slot: int = -1) -> None:
         if self._found is not None and key >= 0:
             self._found[key] = record
         if not record:  # EXPECTED
@@ -280,6 +304,7 @@ class Scan:
             return
         self.keys.append(key)
         self._records.append(record)
+        self._slots.append(slot)
         self._timeouts.append(int.from_bytes(buf[off + at:off + at + 4], "big") if at >= 0 else 0)
 
     def _miss(self, buf: bytes, off: int, mlen: int) -> None:
@@ -324,9 +349,11 @@ class Scan:
     def rest(self, i: int) -> str | None:
         """The rest of item ``i``'s save line, or None when conntrack(8) cannot load it."""
         key = self.keys[i]
-        cached, rest = self._pieces.rests.get(key)
-        if cached:
-            return rest
+        slot = self._slots[i]
+        if slot >= 0:
+            cached, rest = self._pieces.records.rest(slot)
+            if cached:
+                return rest
         if key in self._rests:
             return self._rests[key]
         rest = self._rests[key] = _rest(self._entry(i))
@@ -367,4 +394,4 @@ class Scan:
                 rests[self.keys[i]] = self.rest(i)
         if stop.is_set():
             return None
-        return Pieces(RecordTable(found), RestTable(rests), self._layouts)
+        return Pieces(RecordTable(found, rests), self._layouts)
