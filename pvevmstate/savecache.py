@@ -118,10 +118,12 @@ class RecordTable:
         cannot load its line, for the keys whose rest is kept
     """
 
-    __slots__ = ("_crcs", "_ends", "_expected", "_hashes", "_records", "_starts", "_text")
+    __slots__ = ("_ends", "_expected", "_records", "_starts", "_text", "crcs", "hashes")
 
     def __init__(self, found: Mapping[int, bytes], rests: Mapping[int, str | None] | None = None) -> None:
-        keys, self._hashes, self._crcs = _sorted_halves(k for k, r in found.items() if r)
+        # The keys' low and high halves, sorted by the low one (read-only:
+        # Save's scan searches them inline).
+        keys, self.hashes, self.crcs = _sorted_halves(k for k, r in found.items() if r)
         self._records = b"".join([found[k] for k in keys])
         self._expected = frozenset(k for k, r in found.items() if not r)
         rests = rests or {}
@@ -141,14 +143,14 @@ class RecordTable:
         self._text = "".join(texts)
 
     def __len__(self) -> int:
-        return len(self._hashes) + len(self._expected)
+        return len(self.hashes) + len(self._expected)
 
     def __contains__(self, key: int) -> bool:
         return self.get(key) is not None
 
     def find(self, key: int) -> int:
         """The slot of ``key``'s record, or -1 (also for an expected entry)."""
-        return _find(self._hashes, self._crcs, key)
+        return _find(self.hashes, self.crcs, key)
 
     def expected(self, key: int) -> bool:
         """Whether ``key`` is an expected entry's."""
@@ -258,6 +260,8 @@ class Scan:
         known = layouts.snapshot()
         table = self._pieces.records
         find, record_at = table.find, table.record
+        hashes, crcs = table.hashes, table.crcs
+        size_of = len(hashes)
         keys, records, timeouts, slots = self.keys, self._records, self._timeouts, self._slots
         found = self._found
         join, crc32, mask = b"".join, zlib.crc32, _KEY_MASK
@@ -273,8 +277,12 @@ class Scan:
             if lays is not None:
                 for lay in lays:
                     data = join(lay.stable(buf, off))
-                    key = hash(data) & mask | crc32(data) << 64
-                    slot = find(key)
+                    low, crc = hash(data) & mask, crc32(data)
+                    key = low | crc << 64
+                    # The search of RecordTable.find, inline for the common case.
+                    slot = bisect_left(hashes, low)
+                    if not (slot < size_of and hashes[slot] == low and crcs[slot] == crc):
+                        slot = find(key)
                     if slot < 0:
                         if table.expected(key):
                             self.hits += 1
