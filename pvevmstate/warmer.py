@@ -10,9 +10,12 @@ between two datagrams, and nothing runs after Save or Load.
 Cost: a pass is one mark-filtered dump (the kernel's walk over every hash
 bucket plus ~3 µs an entry here) and a lookup per entry; the first pass, and
 an entry that changed, also encode. The pause after a pass is at least
-:data:`INTERVAL` and at least ``(1 - BUDGET) / BUDGET`` times what the pass
-cost in CPU time, so the passes take at most :data:`BUDGET` of one core
-whatever the table's size.
+:data:`INTERVAL`, and long enough that the pass and its pause together take
+at least its CPU time (the whole process's, measured) divided by :data:`PACE`,
+a fifth below :data:`BUDGET`: whatever the table's size, and over any window
+that holds a pass and the start of the next (the first pass, which encodes
+every entry, costs several times the next ones), the passes take at most
+:data:`BUDGET` of one core.
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ INTERVAL = 3.0
 FIRST_DELAY = 1.0
 #: Share of one core the passes may take.
 BUDGET = 0.1
+#: The share the pause is computed for.
+PACE = BUDGET * 0.8
 
 
 def _trim() -> None:
@@ -95,11 +100,12 @@ class Warmer:
             await asyncio.sleep(min(self.interval, FIRST_DELAY))
             while not self._stopped.is_set():
                 try:
+                    started = time.monotonic()
                     cost = await asyncio.to_thread(self._pass)
                 except VMStateError as err:
                     log.warning("background dump for Save's cache failed: %s; Save dumps without it", err)
                     return
-                await asyncio.sleep(max(self.interval, cost * (1 - BUDGET) / BUDGET))
+                await asyncio.sleep(max(self.interval, cost / PACE - (time.monotonic() - started)))
         finally:
             self._stopped.set()
             await asyncio.to_thread(self._close)
@@ -116,7 +122,8 @@ class Warmer:
             return self._pass_locked()
 
     def _pass_locked(self) -> float:
-        t0, c0 = time.perf_counter(), time.thread_time()
+        # The process's CPU, not the thread's: what the pass makes others do counts too.
+        t0, c0 = time.perf_counter(), time.process_time()
         if self._table is None:
             self._table = self._open()
         table = self._table
@@ -132,7 +139,7 @@ class Warmer:
         del scan
         old = savecache.EMPTY  # (the generation before: freed before the trim)
         _trim()
-        cpu = time.thread_time() - c0
+        cpu = time.process_time() - c0
         self.passes += 1
         self.cpu += cpu
         if self.passes == 1:

@@ -15,7 +15,7 @@ cache is warm, as a helper's is when QEMU calls Save after copying the RAM):
 * the payload: bytes, format, entries carried within QEMU's 1 MiB;
 * the idle helper's RSS with its cache warm, and exec to the per-VM bus name
   held (and to ready);
-* the share of one core its background dumps take over the first 30 s from
+* the share of one core its background dumps take over the first 60 s from
   ready, and what it uses after its Save.
 
 Prints a table with the ratios (helper / conntrack) and writes JSON. Needs root.
@@ -53,7 +53,7 @@ from tests.support import REPO, PrivateBus, Qemu, helper_command, realistic_line
 
 VMID = 100
 #: Seconds over which the background dumps' share of a core is measured.
-CPU_WINDOW = 30.0
+CPU_WINDOW = 60.0
 OTHER_MARKS = (200, 201, 202)
 
 

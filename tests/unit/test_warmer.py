@@ -73,5 +73,6 @@ def test_the_pause_keeps_the_passes_within_their_budget() -> None:
 
     asyncio.run(scenario())
     gaps = [b - a for a, b in zip(table.dumps, table.dumps[1:], strict=False)]
-    # 50 ms of CPU, then at least 450 ms of pause: at most a tenth of a core.
-    assert all(gap >= 0.05 * (1 - warmer.BUDGET) / warmer.BUDGET for gap in gaps), gaps
+    # 50 ms of CPU, and at least 500 ms from one pass to the next: at most a
+    # tenth of a core.
+    assert all(gap >= 0.05 / warmer.BUDGET for gap in gaps), gaps
