@@ -105,6 +105,10 @@ class Warmer:
                 except VMStateError as err:
                     log.warning("background dump for Save's cache failed: %s; Save dumps without it", err)
                     return
+                except Exception as err:  # the cache only spares work: Save must not suffer from it
+                    log.warning("background dump for Save's cache failed unexpectedly: %s: %s; Save dumps "
+                                "without it", type(err).__name__, err, exc_info=log.isEnabledFor(logging.DEBUG))
+                    return
                 await asyncio.sleep(max(self.interval, cost / PACE - (time.monotonic() - started)))
         finally:
             self._stopped.set()

@@ -8,6 +8,8 @@ import threading
 import time
 from collections.abc import Callable
 
+import pytest
+
 from pvevmstate import netlink, savecache, warmer
 from pvevmstate.savecache import Scan
 from tests.corpus import _golden
@@ -76,3 +78,16 @@ def test_the_pause_keeps_the_passes_within_their_budget() -> None:
     # 50 ms of CPU, and at least 500 ms from one pass to the next: at most a
     # tenth of a core.
     assert all(gap >= 0.05 / warmer.BUDGET for gap in gaps), gaps
+
+
+def test_a_failing_pass_ends_the_dumps_and_leaves_save_alone(caplog: pytest.LogCaptureFixture) -> None:
+    class Broken(CannedTable):
+        def dump_into(self, mark: int, sink: Callable[[], Scan], stop: threading.Event | None = None,
+                      overlap: bool = False) -> Scan | None:
+            raise RuntimeError("a bug")
+
+    table = Broken()
+    w = warmer.Warmer(100, lambda: table, interval=0.01)
+    asyncio.run(w.run())
+    assert w.stopped and w.stop() is savecache.EMPTY and table.closed
+    assert "background dump for Save's cache failed unexpectedly: RuntimeError: a bug" in caplog.text
