@@ -56,7 +56,7 @@ def first(entries: Sequence[Entry], k: int) -> list[Entry]:
 
     Cheaper than sorting all when ``k`` is small (Save's save lines behind a
     large compact section), and, like :func:`order`, the GIL is never held long:
-    ``heapq.nsmallest`` walks the keys in Python.
+    only the ``k`` smallest of each run of keys are kept (:func:`first_of_keys`).
     """
     if k >= len(entries) or len(entries) > POSITION_LIMIT:
         return by_priority(entries)[:k]
@@ -65,7 +65,7 @@ def first(entries: Sequence[Entry], k: int) -> list[Entry]:
 
 def first_positions(items: Iterable[tuple[int, int, int, int | None]], k: int) -> list[int]:
     """Positions of the ``k`` most important items, given as for :func:`order`, in that order."""
-    return [key & _POSITION_MASK for key in heapq.nsmallest(k, _keys(items))]
+    return first_of_keys(list(_keys(items)), k)
 
 
 def first_of_keys(keys: list[int], k: int) -> list[int]:
@@ -80,7 +80,7 @@ def first_of_keys(keys: list[int], k: int) -> list[int]:
 
 
 def order_of_keys(keys: list[int]) -> list[int]:
-    """:func:`order` of items given by their keys (:func:`column_keys`)."""
+    """:func:`order` of items given by their keys (``_keys``, :func:`column_keys`)."""
     if len(keys) <= RUN:
         return [k & _POSITION_MASK for k in sorted(keys)]
     runs = [sorted(keys[i:i + RUN]) for i in range(0, len(keys), RUN)]
@@ -202,9 +202,4 @@ def order(items: Iterable[tuple[int, int, int, int | None]]) -> list[int]:
     so no single call holds the GIL for long (one ``list.sort`` of 50,000 keys
     holds it for ~20 ms).
     """
-    keys = list(_keys(items))
-    if len(keys) <= RUN:
-        keys.sort()
-        return [k & _POSITION_MASK for k in keys]
-    runs = [sorted(keys[i:i + RUN]) for i in range(0, len(keys), RUN)]
-    return [k & _POSITION_MASK for k in heapq.merge(*runs)]
+    return order_of_keys(list(_keys(items)))
