@@ -171,7 +171,8 @@ def _assemble(columns: Sequence[bytes], n: int, segments: Sequence[bytes]) -> by
 _OVERHEAD = HEADER.size + len(_ZLIB_HEADER) + len(_FINAL_BLOCK) + 4
 
 
-def _columns(raw: bytes | bytearray | memoryview) -> list[bytes]:
+def columns_of(raw: bytes | bytearray | memoryview) -> list[bytes]:
+    """The records of ``raw`` byte-shuffled: column i holds byte i of every record."""
     size = RECORD.size
     # Byte-shuffle: column i holds byte i of every record.
     return [bytes(raw[i::size]) for i in range(size)]
@@ -191,11 +192,6 @@ def encode_raw(raw: bytes | bytearray) -> bytes:
     :raises CodecError: when there are too many records
     """
     return encode_columns(columns_of(raw))
-
-
-def columns_of(raw: bytes | bytearray) -> list[bytes]:
-    """The records of ``raw`` byte-shuffled: column i holds byte i of every record."""
-    return _columns(raw)
 
 
 def encode_columns(columns: Sequence[bytes]) -> bytes:
@@ -280,7 +276,7 @@ def largest_prefix(raw: bytes | bytearray, limit: int, per_record: float) -> tup
     :param per_record: expected compressed bytes per record, for the first guess
     """
     total = min(len(raw) // RECORD.size, MAX_RECORDS)
-    columns = _columns(memoryview(raw)[:total * RECORD.size])
+    columns = columns_of(memoryview(raw)[:total * RECORD.size])
     comps = [_column_compressor() for _ in columns]
     done: list[list[bytes]] = [[] for _ in columns]
     tails = [c.copy().flush(zlib.Z_FULL_FLUSH) for c in comps]
