@@ -145,9 +145,6 @@ class RecordTable:
     def __len__(self) -> int:
         return len(self.hashes) + len(self._expected)
 
-    def __contains__(self, key: int) -> bool:
-        return self.get(key) is not None
-
     def find(self, key: int) -> int:
         """The slot of ``key``'s record, or -1 (also for an expected entry)."""
         return _find(self.hashes, self.crcs, key)
@@ -166,13 +163,6 @@ class RecordTable:
         if start >= 0:
             return True, self._text[start:self._ends[slot]]
         return start == _NO_LINE, None
-
-    def get(self, key: int) -> bytes | None:
-        """The record of ``key`` (:data:`EXPECTED` for an expected entry), or None."""
-        slot = self.find(key)
-        if slot >= 0:
-            return self.record(slot)
-        return EXPECTED if key in self._expected else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -277,6 +267,7 @@ class Scan:
             if lays is not None:
                 for lay in lays:
                     data = join(lay.stable(buf, off))
+                    # key_of's two halves, apart for the inline search.
                     low, crc = hash(data) & mask, crc32(data)
                     key = low | crc << 64
                     # The search of RecordTable.find, inline for the common case.

@@ -81,8 +81,6 @@ class Warmer:
         # reused by then, by the QMP connection of the teardown, say).
         self._busy = threading.Lock()
         self.passes = 0
-        #: CPU seconds the passes took, all together.
-        self.cpu = 0.0
 
     def stop(self) -> Pieces:
         """Stop for good (an unfinished pass is abandoned); the latest generation."""
@@ -145,7 +143,6 @@ class Warmer:
         _trim()
         cpu = time.process_time() - c0
         self.passes += 1
-        self.cpu += cpu
         if self.passes == 1:
             log.info(messages.CACHE_WARM, len(pieces), (time.perf_counter() - t0) * 1e3, cpu * 1e3)
         log.debug("background dump %d: %d entries (%d found cached), %.1f ms, %.1f ms CPU",
