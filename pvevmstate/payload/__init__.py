@@ -201,18 +201,26 @@ def _encode_hybrid(items: Sendable, mark: int, limit: int) -> Payload:
     # as can fit are ordered and checked: behind a large compact section that
     # is a few hundred of tens of thousands.
     most = room // MIN_TEXT_LINE + 1  # more lines than this never fit
-    candidates = compacted.order
-    keys = compact.priority_keys_of(compacted.columns) if compacted.columns is not None else None
-    if candidates is None:
-        assert keys is not None
+    order = compacted.order
+    if order is None:  # all went into the section: order as many as may fit
+        assert compacted.columns is not None
+        keys = compact.priority_keys_of(compacted.columns)
         candidates = priority.first_of_keys(keys, most)
-    text = savetext.pack_lines(items.lines(candidates), mark, room, count_rest=False)
+    else:
+        candidates = order[:most]
+    text = savetext.pack_lines(items.lines(candidates), mark, room)
     if not text.left_out and len(candidates) < len(items):
         # Lines conntrack cannot load were skipped and the candidates ran out
-        # before the room did: take them all, in order.
-        assert keys is not None
-        candidates = priority.order_of_keys(keys)
-        text = savetext.pack_lines(items.lines(candidates), mark, room, count_rest=False)
+        # before the room did: go on through all of them, in order, a window
+        # at a time, until the room is full.
+        if order is None:
+            order = priority.order_of_keys(keys)
+        lines: list[str] = []
+        for at in range(0, len(order), most):
+            lines += items.lines(order[at:at + most])
+            text = savetext.pack_lines(lines, mark, room)
+            if text.left_out:
+                break
     body = section + text.data if text.sent else section
     return Payload(body, Format.HYBRID, n, compacted.left_out(n), text_sent=text.sent)
 

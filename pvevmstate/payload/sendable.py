@@ -11,7 +11,7 @@ same payload whichever source it came from.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from typing import Protocol
 
 from ..model import Entry
@@ -27,10 +27,10 @@ class Sendable(Protocol):
         """Every item's compact record (:data:`compact.RECORD`), laid end to end, in item order."""
         ...
 
-    def lines(self, positions: Iterable[int]) -> Iterator[str]:
+    def lines(self, positions: Sequence[int]) -> list[str]:
         """The save lines (:func:`savetext.render_line`) of the items at
         ``positions`` whose line conntrack(8) loads (:func:`savetext.text_problem`),
-        in that order, lazily."""
+        in that order."""
         ...
 
     def entries(self) -> Sequence[Entry]:
@@ -53,12 +53,10 @@ class EntryList:
     def raw(self) -> bytes:
         return b"".join(compact.records(self._entries))
 
-    def lines(self, positions: Iterable[int]) -> Iterator[str]:
+    def lines(self, positions: Sequence[int]) -> list[str]:
         have = self._entries
-        for i in positions:
-            e = have[i]
-            if savetext.text_problem(e) is None:
-                yield savetext.render_line(e)
+        return [savetext.render_line(e) for e in map(have.__getitem__, positions)
+                if savetext.text_problem(e) is None]
 
     def entries(self) -> Sequence[Entry]:
         return self._entries
