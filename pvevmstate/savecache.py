@@ -14,12 +14,20 @@ all of it but the timeout's value, which Save reads fresh from the message
 and writes into the pieces, and the values no entry field keeps (counters,
 use count, ID, timestamps). So an entry that changed in anything Save sends
 (protocol state, status bits, TCP flags, NAT, labels, zones) misses and is
-encoded afresh, and one that only aged is found. The key holds 96 bits of
+encoded afresh, and one that only aged is found. The key holds 64 bits of
 those bytes, not the bytes themselves (about 190 per entry, which would more
-than double the cache): Python's SipHash of them (64 bits, keyed at random per
-process, so no guest can aim at a collision) and their CRC-32. A changed
-entry taken for an unchanged one needs a 96-bit collision: at 50,000 entries
-that is about one Save in 10^19.
+than double the cache): Python's SipHash of them, keyed at random per
+process, so no guest can aim at a collision. A changed entry taken for an
+unchanged one needs its key to equal the one in its place in the last dump
+(2^-64), or, where the table changed, any of the cached keys: at 50,000
+cached entries about 3 in 10^15 for each entry that changed.
+
+The kernel dumps a table in the same order each time (hash bucket by
+bucket), so the cache keeps the entries in the order of the dump it came
+from, and Save's scan expects each message to be the one after the last
+found: a whole datagram of unchanged entries is checked by comparing its
+keys with a slice of the cache's, and taken as one slice of records. Only
+where the table changed does the scan search (a sorted index) and decode.
 
 Pure: no I/O, no threads of its own. A published :class:`Pieces` is never
 changed, so Save reads it while a background scan builds the next one.
@@ -28,23 +36,22 @@ changed, so Save reads it while a background scan builds the next one.
 from __future__ import annotations
 
 import heapq
+import operator
 import sys
 import threading
-import zlib
 from array import array
 from bisect import bisect_left
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from itertools import repeat
+from operator import add, rshift
+from typing import Protocol, cast, runtime_checkable
 
 from . import netlink, payload
 from .model import IPS_EXPECTED, Entry
-from .netlink import DumpChunk, LayoutCache
+from .netlink import DumpChunk, Layout, LayoutCache
 from .payload import compact, priority, savetext
 
-_KEY_MASK = (1 << 64) - 1
-#: The record an expected entry is cached as: Save never sends one.
-EXPECTED = b""
 _TIMEOUT_AT = compact.TIMEOUT_OFFSET
 _NO_TIMEOUT = bytes(4)
 _RECORD = compact.RECORD.size
@@ -54,6 +61,7 @@ MAX_LINES = payload.MAX_PAYLOAD // payload.MIN_TEXT_LINE + 1
 #: benchmark's mix never goes (~17 there): what the estimate of how many
 #: save lines fit behind the compact section assumes.
 MIN_ARMORED_RECORD = 12
+_BIG_ENDIAN = sys.byteorder == "big"
 
 
 def lines_wanted(count: int, limit: int = payload.MAX_PAYLOAD) -> int:
@@ -69,33 +77,19 @@ def lines_wanted(count: int, limit: int = payload.MAX_PAYLOAD) -> int:
 
 def key_of(parts: Iterable[bytes]) -> int:
     """The cache key of a message's stable bytes (in pieces, as :attr:`Layout.stable` reads them)."""
-    data = b"".join(parts)
-    return hash(data) & _KEY_MASK | zlib.crc32(data) << 64
+    return hash(b"".join(parts))
 
 
-#: Keys sorted in one C call: a background pass must not hold the GIL for
-#: long either (the event loop answers every VM's ``Id``).
+#: Keys sorted in one C call at most: a background pass must not hold the
+#: GIL for long either (the event loop answers every VM's ``Id``).
 _RUN = 4096
 
 
-def _sorted_halves(keys: Iterable[int]) -> tuple[list[int], array[int], array[int]]:
-    """The keys sorted by their low 64 bits, and their two halves as arrays."""
-    pairs = [(k & _KEY_MASK, k) for k in keys]
-    runs = [sorted(pairs[i:i + _RUN]) for i in range(0, len(pairs), _RUN)]
-    ordered = [k for _low, k in heapq.merge(*runs)]
-    return ordered, array("Q", [k & _KEY_MASK for k in ordered]), array("I", [k >> 64 for k in ordered])
-
-
-def _find(hashes: array[int], crcs: array[int], key: int) -> int:
-    """Where ``key`` is in the sorted halves, or -1."""
-    low = key & _KEY_MASK
-    i = bisect_left(hashes, low)
-    crc = key >> 64
-    while i < len(hashes) and hashes[i] == low:
-        if crcs[i] == crc:
-            return i
-        i += 1
-    return -1
+def _sorted_slots(hashes: array[int]) -> array[int]:
+    """The slots of ``hashes`` ordered by their key (sorted a run at a time, then merged)."""
+    key = hashes.__getitem__
+    runs = [sorted(range(i, min(i + _RUN, len(hashes))), key=key) for i in range(0, len(hashes), _RUN)]
+    return array("i", heapq.merge(*runs, key=key))
 
 
 #: A record's save line rest: not kept, or conntrack(8) cannot load its line.
@@ -103,35 +97,38 @@ _NOT_KEPT, _NO_LINE = -1, -2
 
 
 class RecordTable:
-    """key -> record and save line rest, in flat buffers instead of dicts of objects.
+    """One dump's entries, in its order: keys, records and save line rests in flat buffers.
 
     Dicts would hold a key object and a bytes object per entry (~260 bytes
     with the dict's own share); these buffers hold ~150 bytes an entry and no
     object per entry at all, so the memory a background pass frees goes back
     to the system instead of staying in the heap around long-lived objects.
-    Lookups bisect the sorted 64-bit halves of the keys (about 17 steps at
-    50,000 entries) and compare the CRC half; the slot found gives the record
-    and the rest both.
+    A slot is an entry's place in the dump; a key not where it was expected
+    is searched in the slots sorted by key (about 17 steps at 50,000).
 
-    :param found: key -> record (:data:`EXPECTED` for an expected entry)
-    :param rests: key -> the rest of its save line, or None when conntrack(8)
-        cannot load its line, for the keys whose rest is kept
+    :param hashes: each slot's key
+    :param records: each slot's compact record (timeout 0), end to end
+    :param rests: slot -> the rest of its save line, or None when conntrack(8)
+        cannot load its line, for the slots whose rest is kept
+    :param expected: the keys of expected entries (Save never sends one)
     """
 
-    __slots__ = ("_ends", "_expected", "_records", "_starts", "_text", "crcs", "hashes")
+    __slots__ = ("_ends", "_expected", "_order", "_starts", "_text", "data", "hashes")
 
-    def __init__(self, found: Mapping[int, bytes], rests: Mapping[int, str | None] | None = None) -> None:
-        # The keys' low and high halves, sorted by the low one (read-only:
-        # Save's scan searches them inline).
-        keys, self.hashes, self.crcs = _sorted_halves(k for k, r in found.items() if r)
-        self._records = b"".join([found[k] for k in keys])
-        self._expected = frozenset(k for k, r in found.items() if not r)
+    def __init__(self, hashes: array[int], records: bytes, rests: Mapping[int, str | None] | None = None,
+                 expected: Iterable[int] = ()) -> None:
+        assert len(records) == len(hashes) * _RECORD
+        #: Each slot's key, and the records (read-only: Save's scan reads them inline).
+        self.hashes = hashes
+        self.data = records
+        self._order = _sorted_slots(hashes)
+        self._expected = frozenset(expected)
         rests = rests or {}
         texts: list[str] = []
         self._starts, self._ends = array("i"), array("i")
         at = 0
-        for k in keys:
-            rest = rests.get(k, _NOT_KEPT)
+        for slot in range(len(hashes)):
+            rest = rests.get(slot, _NOT_KEPT)
             if isinstance(rest, str):
                 texts.append(rest)
                 self._starts.append(at)
@@ -147,7 +144,11 @@ class RecordTable:
 
     def find(self, key: int) -> int:
         """The slot of ``key``'s record, or -1 (also for an expected entry)."""
-        return _find(self.hashes, self.crcs, key)
+        hashes, order = self.hashes, self._order
+        i = bisect_left(order, key, key=hashes.__getitem__)
+        if i < len(order) and hashes[order[i]] == key:
+            return order[i]
+        return -1
 
     def expected(self, key: int) -> bool:
         """Whether ``key`` is an expected entry's."""
@@ -155,7 +156,7 @@ class RecordTable:
 
     def record(self, slot: int) -> bytes:
         """The record in ``slot`` (timeout 0)."""
-        return self._records[slot * _RECORD:(slot + 1) * _RECORD]
+        return self.data[slot * _RECORD:(slot + 1) * _RECORD]
 
     def rest(self, slot: int) -> tuple[bool, str | None]:
         """Whether the rest of ``slot``'s save line is kept, and the rest (None: no line)."""
@@ -163,6 +164,24 @@ class RecordTable:
         if start >= 0:
             return True, self._text[start:self._ends[slot]]
         return start == _NO_LINE, None
+
+    def rests(self, slots: Sequence[int]) -> tuple[list[str | None], list[int]]:
+        """The kept rests of many slots (:meth:`rest` in bulk), and the
+        indexes into ``slots`` whose rest is not kept or whose slot is -1:
+        their places in the list hold nothing meaningful."""
+        if not self._starts:
+            return [None] * len(slots), list(range(len(slots)))
+        starts = list(map(self._starts.__getitem__, slots))  # slot -1: the last one's, fixed below
+        rests: list[str | None] = list(map(self._text.__getitem__,
+                                           map(slice, starts, map(self._ends.__getitem__, slots))))
+        missing: list[int] = []
+        if slots and min(map(min, slots, starts)) < 0:
+            for k in [k for k, low in enumerate(map(min, slots, starts)) if low < 0]:
+                if slots[k] >= 0 and starts[k] == _NO_LINE:
+                    rests[k] = None
+                else:
+                    missing.append(k)
+        return rests, missing
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,11 +191,11 @@ class Pieces:
     Never changed once made: Save reads it without a lock.
     """
 
-    #: key -> the entry's compact record with timeout 0 (:data:`EXPECTED` for
-    #: an expected entry), and the rest of its save line
-    #: (:func:`savetext.render_rest`) for the entries most likely to go as
+    #: The dump's entries: each one's key and compact record with timeout 0,
+    #: the keys of expected entries, and the rest of the save line
+    #: (:func:`savetext.render_rest`) of the entries most likely to go as
     #: save lines (:func:`lines_wanted`).
-    records: RecordTable = field(default_factory=lambda: RecordTable({}))
+    records: RecordTable = field(default_factory=lambda: RecordTable(array("q"), b""))
     #: The layouts the background dumps learned (safe to share between
     #: threads): Save's scan reads by them instead of learning them again.
     layouts: LayoutCache | None = None
@@ -185,7 +204,7 @@ class Pieces:
         return len(self.records)
 
 
-EMPTY = Pieces(RecordTable({}))
+EMPTY = Pieces(RecordTable(array("q"), b""))
 
 
 @runtime_checkable
@@ -212,6 +231,23 @@ def _rest(e: Entry) -> str | None:
     return None if savetext.text_problem(e) is not None else savetext.render_rest(e)
 
 
+class _Readers:
+    """What the bulk path reads a message by, from its (length, family): the
+    first layout's stable bytes and where its timeout is, for layouts that
+    have one."""
+
+    __slots__ = ("stable", "timeout_at", "version")
+
+    def __init__(self, known: Mapping[tuple[int, int], tuple[Layout, ...]]) -> None:
+        self.version = known
+        self.stable: dict[int, Callable[[bytes, int], tuple[bytes, ...]]] = {}
+        self.timeout_at: dict[int, int] = {}
+        for (mlen, family), lays in known.items():
+            if lays[0].timeout_at >= 0:
+                self.stable[mlen << 8 | family] = lays[0].stable
+                self.timeout_at[mlen << 8 | family] = lays[0].timeout_at
+
+
 class Scan:
     """One dump, message by message through the cache: the items Save sends.
 
@@ -227,15 +263,26 @@ class Scan:
     def __init__(self, pieces: Pieces, layouts: LayoutCache, collect: bool = False) -> None:
         self._pieces = pieces
         self._layouts = layouts
-        self.keys: list[int] = []
-        self._records: list[bytes] = []
+        self._readers = _Readers({})
+        self._collect = collect
+        #: The items' records (timeout 0) end to end, in pieces: a run of
+        #: unchanged entries is one slice of the cache's records.
+        self._chunks: list[bytes] = []
+        self._joined: bytes | None = None
+        self._count = 0
+        #: Each item's key, its fresh timeout, and its slot in the cache's
+        #: table (-1: encoded by this scan).
+        self._keys = array("q")
         self._timeouts = array("I")
-        #: Each item's slot in the cache's table (-1: encoded by this scan).
         self._slots = array("i")
-        #: Rests made during this scan (misses, and lines not in the cache).
+        #: Items without a key (irregular messages: never cached).
+        self._keyless: set[int] = set()
+        #: Rests made by this scan, by item (misses, and lines not in the cache).
         self._rests: dict[int, str | None] = {}
-        #: The next generation's records (background scans only).
-        self._found: dict[int, bytes] | None = {} if collect else None
+        #: The keys of the expected entries found (background scans only).
+        self._expected_keys: list[int] = []
+        #: The slot the next message is expected to have.
+        self._next = 0
         #: Entries found in the cache, and expected entries left out.
         self.hits = self.expected = 0
 
@@ -243,94 +290,135 @@ class Scan:
 
     def feed(self, buf: bytes, size: int, seq: int) -> DumpChunk:
         """Take in one datagram of the dump whose request had ``seq``."""
-        # Once per entry inside the downtime: a found entry costs one read of
-        # its stable bytes, one lookup and one read of its timeout; so the
-        # names it uses are locals here.
-        layouts = self._layouts
-        known = layouts.snapshot()
+        # Runs once per datagram inside the downtime, so every step below is
+        # one C loop over the datagram's messages (map), not a Python step
+        # per message: keys, timeouts, and one comparison of the keys with
+        # the cache's from the slot expected next.
+        offsets, lengths, chunk = netlink.dump_entries(buf, size, seq)
+        if not offsets:
+            return chunk
+        self._joined = None
+        known = self._layouts.snapshot()
+        readers = self._readers
+        if readers.version != known:
+            readers = self._readers = _Readers(known)
+        kinds = list(map(operator.or_, map(operator.lshift, lengths, repeat(8)),
+                         map(buf.__getitem__, map(add, offsets, repeat(16)))))
+        stables = list(map(readers.stable.get, kinds))
+        if None in stables or size % 4:
+            # A layout not learned yet (or one without a timeout): message by message.
+            for off, mlen in zip(offsets, lengths, strict=True):
+                self._miss(buf, off, mlen, None)
+            return chunk
+        readable = cast("list[Callable[[bytes, int], tuple[bytes, ...]]]", stables)
+        keys = array("q", map(hash, map(b"".join, map(operator.call, readable, repeat(buf), offsets))))
+        # Timeouts are aligned 32-bit words (netlink pads to 4): read them as such.
+        words = memoryview(buf).cast("I")
+        timeouts = array("I", map(words.__getitem__, map(rshift, map(add, offsets, map(
+            readers.timeout_at.__getitem__, kinds)), repeat(2))))
+        if not _BIG_ENDIAN:
+            timeouts.byteswap()
         table = self._pieces.records
-        find, record_at = table.find, table.record
-        hashes, crcs = table.hashes, table.crcs
-        size_of = len(hashes)
-        keys, records, timeouts, slots = self.keys, self._records, self._timeouts, self._slots
-        found = self._found
-        join, crc32, mask = b"".join, zlib.crc32, _KEY_MASK
-        from_bytes = int.from_bytes
+        p, m = self._next, len(keys)
+        if table.hashes[p:p + m] == keys:
+            # All as in the last dump: one slice of records.
+            self._chunks.append(table.data[p * _RECORD:(p + m) * _RECORD])
+            self._keys += keys
+            self._timeouts += timeouts
+            self._slots.extend(range(p, p + m))
+            self._count += m
+            self.hits += m
+            self._next = p + m
+            return chunk
+        for k in range(m):
+            self._lookup(buf, offsets[k], lengths[k], keys[k], timeouts[k])
+        return chunk
 
-        def message(buf: bytes, off: int, mlen: int) -> None:
-            nonlocal known
-            lays = known.get((mlen, buf[off + 16]))
-            if lays is None:
-                # Learned since this datagram began (a miss learns its layout)?
-                known = layouts.snapshot()
-                lays = known.get((mlen, buf[off + 16]))
-            if lays is not None:
-                for lay in lays:
-                    data = join(lay.stable(buf, off))
-                    # key_of's two halves, apart for the inline search.
-                    low, crc = hash(data) & mask, crc32(data)
-                    key = low | crc << 64
-                    # The search of RecordTable.find, inline for the common case.
-                    slot = bisect_left(hashes, low)
-                    if not (slot < size_of and hashes[slot] == low and crcs[slot] == crc):
-                        slot = find(key)
-                    if slot < 0:
-                        if table.expected(key):
-                            self.hits += 1
-                            self._take(key, EXPECTED, buf, off, -1)
-                            return
-                        continue
-                    self.hits += 1
-                    record = record_at(slot)
-                    if found is not None:
-                        self._take(key, record, buf, off, lay.timeout_at, slot=slot)
-                        return
-                    at = lay.timeout_at
-                    keys.append(key)
-                    records.append(record)
-                    slots.append(slot)
-                    timeouts.append(from_bytes(buf[off + at:off + at + 4], "big") if at >= 0 else 0)
-                    return
-            self._miss(buf, off, mlen)
+    def _lookup(self, buf: bytes, off: int, mlen: int, key: int, timeout: int) -> None:
+        """One message whose key by its (length, family)'s first layout is ``key``."""
+        table = self._pieces.records
+        p = self._next
+        if p < len(table.hashes) and table.hashes[p] == key:
+            slot = p
+        else:
+            slot = table.find(key)
+        if slot >= 0:
+            self._hit(slot, key, timeout)
+        elif table.expected(key):
+            self.hits += 1
+            self._expect(key)
+        else:
+            self._miss(buf, off, mlen, key)
 
-        return netlink.walk_dump(buf, size, seq, message)
-
-    def _take(self, key: int, record: bytes, buf: bytes, off: int, at: int, *, slot: int = -1) -> None:
-        if self._found is not None and key >= 0:
-            self._found[key] = record
-        if not record:  # EXPECTED
-            self.expected += 1
-            return
-        self.keys.append(key)
-        self._records.append(record)
+    def _hit(self, slot: int, key: int, timeout: int) -> None:
+        self._chunks.append(self._pieces.records.record(slot))
+        self._keys.append(key)
+        self._timeouts.append(timeout)
         self._slots.append(slot)
-        self._timeouts.append(int.from_bytes(buf[off + at:off + at + 4], "big") if at >= 0 else 0)
+        self._count += 1
+        self.hits += 1
+        self._next = slot + 1
 
-    def _miss(self, buf: bytes, off: int, mlen: int) -> None:
-        e = self._layouts.decode_message(buf, off, mlen)
-        lay = self._layouts.layout_of(buf, off, mlen)
-        # An irregular message has no layout and so no key: a negative one,
-        # which no cache holds, keeps it out.
-        key = key_of(lay.stable(buf, off)) if lay is not None else -1 - len(self.keys)
+    def _expect(self, key: int | None) -> None:
+        self.expected += 1
+        if self._collect and key is not None:
+            self._expected_keys.append(key)
+
+    def _miss(self, buf: bytes, off: int, mlen: int, tried: int | None) -> None:
+        """A message not found under ``tried`` (None: not looked up): by its
+        own layout it may still be cached; else it is decoded and encoded."""
+        layouts = self._layouts
+        lay = layouts.layout_of(buf, off, mlen)
+        e = None
+        if lay is None:
+            e = layouts.decode_message(buf, off, mlen)  # learns its layout, if it has one
+            lay = layouts.layout_of(buf, off, mlen)
+        key = timeout = None
+        if lay is not None:
+            key = key_of(lay.stable(buf, off))
+            at = lay.timeout_at
+            timeout = int.from_bytes(buf[off + at:off + at + 4], "big") if at >= 0 else None
+            if key != tried and timeout is not None:
+                table = self._pieces.records
+                slot = table.find(key)
+                if slot >= 0:
+                    self._hit(slot, key, timeout)
+                    return
+                if table.expected(key):
+                    self.hits += 1
+                    self._expect(key)
+                    return
+        if e is None:
+            e = layouts.decode_message(buf, off, mlen)
         if (e.status or 0) & IPS_EXPECTED:
-            self._take(key, EXPECTED, buf, off, -1)
+            self._expect(key)
             return
         record = compact.records((e,))[0]
-        # Cached with timeout 0: the fresh one is written in when it is sent.
-        record = record[:_TIMEOUT_AT] + _NO_TIMEOUT + record[_TIMEOUT_AT + 4:]
-        self._take(key, record, buf, off, lay.timeout_at if lay is not None else -1)
-        if lay is None:
-            self._timeouts[-1] = e.timeout or 0
+        # Kept with timeout 0: the fresh one is written in when it is sent.
+        self._chunks.append(record[:_TIMEOUT_AT] + _NO_TIMEOUT + record[_TIMEOUT_AT + 4:])
+        if key is None:
+            self._keyless.add(self._count)
+        self._keys.append(key or 0)
+        self._timeouts.append(e.timeout or 0 if timeout is None else timeout)
+        self._slots.append(-1)
+        self._count += 1
 
     # ------------------------------------------------------------- Sendable
 
     def __len__(self) -> int:
-        return len(self._records)
+        return self._count
+
+    def _records(self) -> bytes:
+        """Every item's record (timeout 0), end to end."""
+        if self._joined is None:
+            self._joined = b"".join(self._chunks)
+            self._chunks = [self._joined]
+        return self._joined
 
     def raw(self) -> bytearray:
-        raw = bytearray(b"".join(self._records))
+        raw = bytearray(self._records())
         timeouts = self._timeouts
-        if sys.byteorder != "little":
+        if _BIG_ENDIAN:
             timeouts = array("I", timeouts)
             timeouts.byteswap()
         # The records' timeout fields, written column-wise (records are little-endian).
@@ -341,32 +429,39 @@ class Scan:
 
     def _entry(self, i: int) -> Entry:
         """Item ``i`` as an entry, made from its record (which carries every field a line shows)."""
-        record = bytearray(self._records[i])
+        record = bytearray(self._records()[i * _RECORD:(i + 1) * _RECORD])
         record[_TIMEOUT_AT:_TIMEOUT_AT + 4] = self._timeouts[i].to_bytes(4, "little")
         return compact.entry_of(bytes(record))
 
     def rest(self, i: int) -> str | None:
         """The rest of item ``i``'s save line, or None when conntrack(8) cannot load it."""
-        key = self.keys[i]
         slot = self._slots[i]
         if slot >= 0:
             cached, rest = self._pieces.records.rest(slot)
             if cached:
                 return rest
-        if key in self._rests:
-            return self._rests[key]
-        rest = self._rests[key] = _rest(self._entry(i))
+        if i in self._rests:
+            return self._rests[i]
+        rest = self._rests[i] = _rest(self._entry(i))
         return rest
 
-    def lines(self, positions: Iterable[int]) -> Iterator[str]:
-        timeouts = self._timeouts
-        for i in positions:
-            rest = self.rest(i)
-            if rest is not None:
-                yield "-A -t %d%s" % (timeouts[i], rest)
+    def lines(self, positions: Sequence[int]) -> list[str]:
+        # In bulk, for the thousands of lines a hybrid payload may take: each
+        # step below is one C loop over all the lines, not a Python step per
+        # line. A line whose rest the cache holds is its fresh timeout and
+        # that rest; the others (misses, rests not kept) are fixed up after.
+        slots = list(map(self._slots.__getitem__, positions))
+        rests, missing = self._pieces.records.rests(slots)
+        for k in missing:
+            rests[k] = self.rest(positions[k])
+        timeouts: Iterable[int] = map(self._timeouts.__getitem__, positions)
+        if None in rests:  # lines conntrack(8) cannot load are left out
+            timeouts = [t for t, r in zip(timeouts, rests, strict=True) if r is not None]
+            rests = [r for r in rests if r is not None]
+        return list(map("-A -t %d%s".__mod__, zip(timeouts, rests, strict=True)))
 
     def entries(self) -> Sequence[Entry]:
-        return [self._entry(i) for i in range(len(self._records))]
+        return [self._entry(i) for i in range(self._count)]
 
     # ------------------------------------------------------------- background
 
@@ -381,16 +476,21 @@ class Scan:
     def pieces_until(self, stop: threading.Event, lines: int | None = None) -> Pieces | None:
         """:meth:`pieces`, or None when ``stop`` is set meanwhile (Save has
         begun: a background thread must not compete with it for long)."""
-        found = self._found if self._found is not None else {}
         if lines is None:
-            lines = lines_wanted(len(self._records))
+            lines = lines_wanted(self._count)
         top = priority.first_of_keys(compact.priority_keys(self.raw()), lines)
         rests: dict[int, str | None] = {}
         for n, i in enumerate(top):
             if n % 256 == 0 and stop.is_set():
                 return None
-            if self.keys[i] >= 0:
-                rests[self.keys[i]] = self.rest(i)
+            rests[i] = self.rest(i)
         if stop.is_set():
             return None
-        return Pieces(RecordTable(found, rests), self._layouts)
+        keys, records = self._keys, self._records()
+        if self._keyless:  # an item without a key cannot be found: left out
+            kept = [i for i in range(self._count) if i not in self._keyless]
+            keys = array("q", map(keys.__getitem__, kept))
+            records = b"".join([records[i * _RECORD:(i + 1) * _RECORD] for i in kept])
+            slot_of = {i: n for n, i in enumerate(kept)}
+            rests = {slot_of[i]: r for i, r in rests.items() if i in slot_of}
+        return Pieces(RecordTable(keys, records, rests, self._expected_keys), self._layouts)

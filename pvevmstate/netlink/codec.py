@@ -458,8 +458,8 @@ def decode_dump(buf: bytes, size: int, seq: int, out: list[Entry],
     return walk_dump(buf, size, seq, lambda b, off, mlen: append(decode(b, off, mlen)))
 
 
-def walk_dump(buf: bytes, size: int, seq: int, on_entry: Callable[[bytes, int, int], object]) -> DumpChunk:
-    """Call ``on_entry(buf, offset, length)`` for each entry message of one dump datagram.
+def dump_entries(buf: bytes, size: int, seq: int) -> tuple[list[int], list[int], DumpChunk]:
+    """The offsets and lengths of the entry messages of one dump datagram.
 
     :param buf: the datagram
     :param size: its length
@@ -467,6 +467,8 @@ def walk_dump(buf: bytes, size: int, seq: int, on_entry: Callable[[bytes, int, i
     :raises ConntrackError: when the kernel answered the dump with an error
     """
     chunk = DumpChunk()
+    offsets: list[int] = []
+    lengths: list[int] = []
     off = 0
     while off + 16 <= size:
         mlen, mtype, mflags, mseq, _pid = _hdr_from(buf, off)
@@ -476,24 +478,38 @@ def walk_dump(buf: bytes, size: int, seq: int, on_entry: Callable[[bytes, int, i
             if mflags & NLM_F_DUMP_INTR:
                 chunk.interrupted = True
             if mtype == IPCTNL_MSG_CT_NEW and mlen >= 20:
-                on_entry(buf, off, mlen)
+                offsets.append(off)
+                lengths.append(mlen)
             elif mtype == NLMSG_DONE:
                 chunk.done = True
-                return chunk
+                break
             elif mtype == NLMSG_ERROR:
                 code = -_ERRCODE.unpack_from(buf, off + 16)[0]
                 if code:
                     raise ConntrackError("conntrack dump refused", code)
                 chunk.done = True
-                return chunk
+                break
         off += (mlen + 3) & ~3
+    return offsets, lengths, chunk
+
+
+def walk_dump(buf: bytes, size: int, seq: int, on_entry: Callable[[bytes, int, int], object]) -> DumpChunk:
+    """Call ``on_entry(buf, offset, length)`` for each entry message of one dump datagram.
+
+    (:func:`dump_entries`, one call per entry.)
+
+    :raises ConntrackError: when the kernel answered the dump with an error
+    """
+    offsets, lengths, chunk = dump_entries(buf, size, seq)
+    for off, mlen in zip(offsets, lengths, strict=True):
+        on_entry(buf, off, mlen)
     return chunk
 
 
 def _messages(buf: bytes, size: int, strict: bool = False) -> Iterator[tuple[int, int, int, int]]:
     """``(offset, length, type, seq)`` of each netlink message in a datagram.
 
-    A truncated message ends the walk, or raises with ``strict``. (walk_dump
+    A truncated message ends the walk, or raises with ``strict``. (dump_entries
     walks inline instead: it runs once per entry inside the VM's downtime.)
     """
     off = 0
