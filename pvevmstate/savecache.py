@@ -62,6 +62,10 @@ MAX_LINES = payload.MAX_PAYLOAD // payload.MIN_TEXT_LINE + 1
 #: save lines fit behind the compact section assumes.
 MIN_ARMORED_RECORD = 12
 _BIG_ENDIAN = sys.byteorder == "big"
+#: Records Save's scan gathers before it shuffles and compresses them: few
+#: enough that it is done before the kernel has the next datagrams ready,
+#: enough that the ~130 calls per batch cost little per record.
+STREAM_BATCH = 1024
 
 
 def lines_wanted(count: int, limit: int = payload.MAX_PAYLOAD) -> int:
@@ -257,7 +261,9 @@ class Scan:
 
     :param pieces: the cache to look messages up in (:data:`EMPTY`: none)
     :param layouts: the socket's learned message layouts
-    :param collect: keep what this dump found, for :meth:`pieces` (background scans)
+    :param collect: keep what this dump found, for :meth:`pieces` (background
+        scans); else the records are compressed as they come (Save's scan,
+        :class:`pvevmstate.payload.compact.ColumnStream`)
     """
 
     def __init__(self, pieces: Pieces, layouts: LayoutCache, collect: bool = False) -> None:
@@ -283,6 +289,12 @@ class Scan:
         self._expected_keys: list[int] = []
         #: The slot the next message is expected to have.
         self._next = 0
+        #: Save's records as they come, shuffled and compressed (not in
+        #: background scans: they would pay for it on every pass), how many
+        #: chunks went in, and what came out at the end.
+        self._stream = None if collect else compact.ColumnStream()
+        self._streamed = 0
+        self._columns: tuple[list[bytes], list[bytes] | None] | None = None
         #: Entries found in the cache, and expected entries left out.
         self.hits = self.expected = 0
 
@@ -329,10 +341,19 @@ class Scan:
             self._count += m
             self.hits += m
             self._next = p + m
-            return chunk
-        for k in range(m):
-            self._lookup(buf, offsets[k], lengths[k], keys[k], timeouts[k])
+        else:
+            for k in range(m):
+                self._lookup(buf, offsets[k], lengths[k], keys[k], timeouts[k])
+        if self._stream is not None and self._count - self._stream.count >= STREAM_BATCH:
+            self._stream_more()
         return chunk
+
+    def _stream_more(self) -> None:
+        """Give the stream the records it has not had yet."""
+        assert self._stream is not None and self._columns is None
+        if self._streamed < len(self._chunks):
+            self._stream.add(b"".join(self._chunks[self._streamed:]))
+            self._streamed = len(self._chunks)
 
     def _lookup(self, buf: bytes, off: int, mlen: int, key: int, timeout: int) -> None:
         """One message whose key by its (length, family)'s first layout is ``key``."""
@@ -411,18 +432,34 @@ class Scan:
     def _records(self) -> bytes:
         """Every item's record (timeout 0), end to end."""
         if self._joined is None:
+            if self._stream is not None and self._columns is None:
+                self._stream_more()  # (it goes on from the one chunk left)
             self._joined = b"".join(self._chunks)
             self._chunks = [self._joined]
+            self._streamed = 1
         return self._joined
 
-    def raw(self) -> bytearray:
-        raw = bytearray(self._records())
+    def _timeout_bytes(self) -> bytes:
+        """Every item's timeout, 4 bytes little-endian each (as records hold them)."""
         timeouts = self._timeouts
         if _BIG_ENDIAN:
             timeouts = array("I", timeouts)
             timeouts.byteswap()
+        return timeouts.tobytes()
+
+    def columns(self) -> tuple[list[bytes], list[bytes] | None]:
+        if self._columns is None:
+            if self._stream is None:
+                self._columns = compact.columns_of(self.raw()), None
+            else:
+                self._stream_more()
+                self._columns = self._stream.finish(self._timeout_bytes())
+        return self._columns
+
+    def raw(self) -> bytearray:
+        raw = bytearray(self._records())
         # The records' timeout fields, written column-wise (records are little-endian).
-        data = timeouts.tobytes()
+        data = self._timeout_bytes()
         for i in range(4):
             raw[_TIMEOUT_AT + i::_RECORD] = data[i::4]
         return raw

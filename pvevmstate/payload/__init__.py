@@ -163,16 +163,18 @@ def _compact_section(items: Sendable, limit: int) -> _Section:
     size = compact.RECORD.size
     count = len(items)
     if count <= compact.MAX_RECORDS:
-        raw = items.raw()
-        columns = compact.columns_of(raw)
-        data = compact.encode_columns(columns)
+        columns, segments = items.columns()
+        if segments is not None:
+            data = compact.encode_streamed(columns, segments)
+        else:
+            data = compact.encode_columns(columns)
         if len(data) <= limit:
             return _Section(count, data, columns)
         per_record = (len(data) - compact.HEADER.size) / count
         keys = compact.priority_keys_of(columns)
         order = priority.order_of_keys(keys)
         classes = [priority.class_of_key(k) for k in keys]
-        view = memoryview(raw)
+        view = memoryview(items.raw())
         ordered = b"".join([view[i * size:(i + 1) * size] for i in order])
     else:
         entries = items.entries()

@@ -27,6 +27,11 @@ class Sendable(Protocol):
         """Every item's compact record (:data:`compact.RECORD`), laid end to end, in item order."""
         ...
 
+    def columns(self) -> tuple[list[bytes], list[bytes] | None]:
+        """:meth:`raw` as columns (:func:`compact.columns_of`), and their
+        compressed segments if they were made ahead (:class:`compact.ColumnStream`)."""
+        ...
+
     def lines(self, positions: Sequence[int]) -> list[str]:
         """The save lines (:func:`savetext.render_line`) of the items at
         ``positions`` whose line conntrack(8) loads (:func:`savetext.text_problem`),
@@ -52,6 +57,9 @@ class EntryList:
 
     def raw(self) -> bytes:
         return b"".join(compact.records(self._entries))
+
+    def columns(self) -> tuple[list[bytes], None]:
+        return compact.columns_of(self.raw()), None
 
     def lines(self, positions: Sequence[int]) -> list[str]:
         have = self._entries

@@ -296,12 +296,13 @@ TARGETS = {  # (size, key): limit (issue 13)
 
 
 def table(results: list[dict[str, Any]]) -> str:
-    head = ("entries", "format", "bytes", "sent", "Save ms", "inside", "kernel ms", "ratio", "ct ms", "ratio", "Load ms",
-            "ct ms", "ratio", "RSS MiB", "names ms", "ready ms")
+    head = ("entries", "format", "bytes", "sent", "Save ms", "inside", "kernel ms", "ratio", "ct ms", "ratio",
+            "Load ms", "ct ms", "ratio", "RSS MiB", "names ms", "ready ms")
     rows = [head]
     for r in results:
         rows.append((str(r["entries"]), r["payload_format"], str(r["payload_bytes"]), str(r["entries_sent"]),
-                     "%.1f" % r["save_ms"], "%.1f" % r["save_in_helper_ms"], "%.1f" % r["kernel_dump_ms"], "%.2f" % r["save_kernel_ratio"],
+                     "%.1f" % r["save_ms"], "%.1f" % r["save_in_helper_ms"], "%.1f" % r["kernel_dump_ms"],
+                     "%.2f" % r["save_kernel_ratio"],
                      "%.1f" % r["conntrack_save_ms"], "%.2f" % r["save_ratio"],
                      "%.1f" % r["load_ms"], "%.1f" % r["conntrack_load_ms"], "%.2f" % r["load_ratio"],
                      "%.1f" % r["idle_rss_mib"], "%.0f" % r["exec_to_names_ms"], "%.0f" % r["exec_to_ready_ms"]))
