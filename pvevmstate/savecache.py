@@ -247,7 +247,9 @@ class _Readers:
         self.stable: dict[int, Callable[[bytes, int], tuple[bytes, ...]]] = {}
         self.timeout_at: dict[int, int] = {}
         for (mlen, family), lays in known.items():
-            if lays[0].timeout_at >= 0:
+            # (Netlink aligns every attribute to 4 bytes; one that were not
+            # could not be read as a word.)
+            if lays[0].timeout_at >= 0 and lays[0].timeout_at % 4 == 0:
                 self.stable[mlen << 8 | family] = lays[0].stable
                 self.timeout_at[mlen << 8 | family] = lays[0].timeout_at
 
@@ -317,7 +319,7 @@ class Scan:
         kinds = list(map(operator.or_, map(operator.lshift, lengths, repeat(8)),
                          map(buf.__getitem__, map(add, offsets, repeat(16)))))
         stables = list(map(readers.stable.get, kinds))
-        if None in stables or size % 4:
+        if None in stables or len(buf) % 4:
             # A layout not learned yet (or one without a timeout): message by message.
             for off, mlen in zip(offsets, lengths, strict=True):
                 self._miss(buf, off, mlen, None)

@@ -78,7 +78,10 @@ MAX_RECORDS = 200_000
 #: deflate's longer matches rarely pay for their bits there. Measured on a
 #: typical 50,000-entry table: 626 KB in 18 ms of CPU, where the default
 #: strategy makes 683 KB in 58 ms at level 4 and 669 KB in 128 ms at level 6.
-#: Any inflate reads it (it is plain deflate).
+#: Any inflate reads it (it is plain deflate). Machine-made tables of
+#: sequential addresses and ports compress less well than with the default
+#: strategy, which finds their repeats further back (200,000 such entries:
+#: 430 KB instead of under 64 KB), still far within the 1 MiB.
 STRATEGY = zlib.Z_RLE
 #: zlib level (run-length matching makes the same bytes at every level above 0).
 LEVEL = 6
