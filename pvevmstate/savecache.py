@@ -96,30 +96,33 @@ def _sorted_slots(hashes: array[int]) -> array[int]:
     return array("i", heapq.merge(*runs, key=key))
 
 
-#: A record's save line rest: not kept, or conntrack(8) cannot load its line.
-_NOT_KEPT, _NO_LINE = -1, -2
+#: A slot's save line rest when conntrack(8) cannot load its line (None: not kept).
+_NO_LINE = b""
 
 
 class RecordTable:
-    """One dump's entries, in its order: keys, records and save line rests in flat buffers.
+    """One dump's entries, in its order: keys, records and save line rests.
 
     Dicts would hold a key object and a bytes object per entry (~260 bytes
-    with the dict's own share); these buffers hold ~150 bytes an entry and no
-    object per entry at all, so the memory a background pass frees goes back
-    to the system instead of staying in the heap around long-lived objects.
-    A slot is an entry's place in the dump; a key not where it was expected
-    is searched in the slots sorted by key (about 17 steps at 50,000).
+    with the dict's own share); keys and records are flat buffers here, ~140
+    bytes an entry and no object per entry, so the memory a background pass
+    frees goes back to the system instead of staying in the heap around
+    long-lived objects. The save line rests are objects (one per line that
+    may go as text, a few thousand at most): Save splices them into its text
+    as they are. A slot is an entry's place in the dump; a key not where it
+    was expected is searched in the slots sorted by key (about 17 steps at
+    50,000).
 
     :param hashes: each slot's key
     :param records: each slot's compact record (timeout 0), end to end
-    :param rests: slot -> the rest of its save line, or None when conntrack(8)
-        cannot load its line, for the slots whose rest is kept
+    :param rests: slot -> the rest of its save line (ASCII), or None when
+        conntrack(8) cannot load its line, for the slots whose rest is kept
     :param expected: the keys of expected entries (Save never sends one)
     """
 
-    __slots__ = ("_ends", "_expected", "_order", "_starts", "_text", "data", "hashes")
+    __slots__ = ("_expected", "_order", "_rests", "data", "hashes")
 
-    def __init__(self, hashes: array[int], records: bytes, rests: Mapping[int, str | None] | None = None,
+    def __init__(self, hashes: array[int], records: bytes, rests: Mapping[int, bytes | None] | None = None,
                  expected: Iterable[int] = ()) -> None:
         assert len(records) == len(hashes) * _RECORD
         #: Each slot's key, and the records (read-only: Save's scan reads them inline).
@@ -127,21 +130,10 @@ class RecordTable:
         self.data = records
         self._order = _sorted_slots(hashes)
         self._expected = frozenset(expected)
-        rests = rests or {}
-        texts: list[str] = []
-        self._starts, self._ends = array("i"), array("i")
-        at = 0
-        for slot in range(len(hashes)):
-            rest = rests.get(slot, _NOT_KEPT)
-            if isinstance(rest, str):
-                texts.append(rest)
-                self._starts.append(at)
-                at += len(rest)
-                self._ends.append(at)
-            else:
-                self._starts.append(_NOT_KEPT if rest == _NOT_KEPT else _NO_LINE)
-                self._ends.append(0)
-        self._text = "".join(texts)
+        kept: list[bytes | None] = [None] * len(hashes)
+        for slot, rest in (rests or {}).items():
+            kept[slot] = _NO_LINE if rest is None else rest
+        self._rests = kept
 
     def __len__(self) -> int:
         return len(self.hashes) + len(self._expected)
@@ -162,29 +154,24 @@ class RecordTable:
         """The record in ``slot`` (timeout 0)."""
         return self.data[slot * _RECORD:(slot + 1) * _RECORD]
 
-    def rest(self, slot: int) -> tuple[bool, str | None]:
+    def rest(self, slot: int) -> tuple[bool, bytes | None]:
         """Whether the rest of ``slot``'s save line is kept, and the rest (None: no line)."""
-        start = self._starts[slot]
-        if start >= 0:
-            return True, self._text[start:self._ends[slot]]
-        return start == _NO_LINE, None
+        rest = self._rests[slot]
+        if rest is None:
+            return False, None
+        return True, rest or None
 
-    def rests(self, slots: Sequence[int]) -> tuple[list[str | None], list[int]]:
-        """The kept rests of many slots (:meth:`rest` in bulk), and the
-        indexes into ``slots`` whose rest is not kept or whose slot is -1:
-        their places in the list hold nothing meaningful."""
-        if not self._starts:
+    def rests(self, slots: Sequence[int]) -> tuple[list[bytes | None], list[int]]:
+        """The kept rests of many slots (:meth:`rest` in bulk; ``b""``: no
+        line), and the indexes into ``slots`` whose rest is not kept or whose
+        slot is -1: their places in the list hold nothing meaningful."""
+        if not self._rests:
             return [None] * len(slots), list(range(len(slots)))
-        starts = list(map(self._starts.__getitem__, slots))  # slot -1: the last one's, fixed below
-        rests: list[str | None] = list(map(self._text.__getitem__,
-                                           map(slice, starts, map(self._ends.__getitem__, slots))))
+        rests = list(map(self._rests.__getitem__, slots))  # slot -1: the last one's, fixed below
         missing: list[int] = []
-        if slots and min(map(min, slots, starts)) < 0:
-            for k in [k for k, low in enumerate(map(min, slots, starts)) if low < 0]:
-                if slots[k] >= 0 and starts[k] == _NO_LINE:
-                    rests[k] = None
-                else:
-                    missing.append(k)
+        if slots and (min(slots) < 0 or None in rests):
+            missing = [k for k, (slot, rest) in enumerate(zip(slots, rests, strict=True))
+                       if slot < 0 or rest is None]
         return rests, missing
 
 
@@ -231,8 +218,8 @@ class ScanTable(Protocol):
         ...
 
 
-def _rest(e: Entry) -> str | None:
-    return None if savetext.text_problem(e) is not None else savetext.render_rest(e)
+def _rest(e: Entry) -> bytes | None:
+    return None if savetext.text_problem(e) is not None else savetext.render_rest(e).encode("ascii")
 
 
 class _Readers:
@@ -286,7 +273,7 @@ class Scan:
         #: Items without a key (irregular messages: never cached).
         self._keyless: set[int] = set()
         #: Rests made by this scan, by item (misses, and lines not in the cache).
-        self._rests: dict[int, str | None] = {}
+        self._rests: dict[int, bytes | None] = {}
         #: The keys of the expected entries found (background scans only).
         self._expected_keys: list[int] = []
         #: The slot the next message is expected to have.
@@ -472,7 +459,7 @@ class Scan:
         record[_TIMEOUT_AT:_TIMEOUT_AT + 4] = self._timeouts[i].to_bytes(4, "little")
         return compact.entry_of(bytes(record))
 
-    def rest(self, i: int) -> str | None:
+    def rest(self, i: int) -> bytes | None:
         """The rest of item ``i``'s save line, or None when conntrack(8) cannot load it."""
         slot = self._slots[i]
         if slot >= 0:
@@ -484,20 +471,21 @@ class Scan:
         rest = self._rests[i] = _rest(self._entry(i))
         return rest
 
-    def lines(self, positions: Sequence[int]) -> list[str]:
+    def text(self, positions: Sequence[int], mark: int, room: int) -> savetext.TextPayload:
         # In bulk, for the thousands of lines a hybrid payload may take: each
         # step below is one C loop over all the lines, not a Python step per
         # line. A line whose rest the cache holds is its fresh timeout and
-        # that rest; the others (misses, rests not kept) are fixed up after.
+        # that rest, as it is; the others (misses, rests not kept) are fixed
+        # up after.
         slots = list(map(self._slots.__getitem__, positions))
         rests, missing = self._pieces.records.rests(slots)
         for k in missing:
-            rests[k] = self.rest(positions[k])
-        timeouts: Iterable[int] = map(self._timeouts.__getitem__, positions)
-        if None in rests:  # lines conntrack(8) cannot load are left out
-            timeouts = [t for t, r in zip(timeouts, rests, strict=True) if r is not None]
-            rests = [r for r in rests if r is not None]
-        return list(map("-A -t %d%s".__mod__, zip(timeouts, rests, strict=True)))
+            rests[k] = self.rest(positions[k]) or _NO_LINE
+        timeouts = list(map(self._timeouts.__getitem__, positions))
+        if _NO_LINE in rests:  # lines conntrack(8) cannot load are left out
+            timeouts = [t for t, r in zip(timeouts, rests, strict=True) if r]
+            rests = [r for r in rests if r]
+        return savetext.pack_rests(timeouts, cast("list[bytes]", rests), mark, room)
 
     def entries(self) -> Sequence[Entry]:
         return [self._entry(i) for i in range(self._count)]
@@ -518,7 +506,7 @@ class Scan:
         if lines is None:
             lines = lines_wanted(self._count)
         top = priority.first_of_keys(compact.priority_keys(self.raw()), lines)
-        rests: dict[int, str | None] = {}
+        rests: dict[int, bytes | None] = {}
         for n, i in enumerate(top):
             if n % 256 == 0 and stop.is_set():
                 return None

@@ -210,17 +210,15 @@ def _encode_hybrid(items: Sendable, mark: int, limit: int) -> Payload:
         candidates = priority.first_of_keys(keys, most)
     else:
         candidates = order[:most]
-    text = savetext.pack_lines(items.lines(candidates), mark, room)
+    text = items.text(candidates, mark, room)
     if not text.left_out and len(candidates) < len(items):
         # Lines conntrack cannot load were skipped and the candidates ran out
         # before the room did: go on through all of them, in order, a window
-        # at a time, until the room is full.
+        # more at a time, until the room is full.
         if order is None:
             order = priority.order_of_keys(keys)
-        lines: list[str] = []
-        for at in range(0, len(order), most):
-            lines += items.lines(order[at:at + most])
-            text = savetext.pack_lines(lines, mark, room)
+        for at in range(2 * most, len(order) + most, most):
+            text = items.text(order[:at], mark, room)
             if text.left_out:
                 break
     body = section + text.data if text.sent else section

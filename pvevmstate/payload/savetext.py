@@ -18,9 +18,10 @@ import operator
 import socket
 import sys
 from bisect import bisect_right
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from itertools import accumulate, repeat
+from itertools import accumulate, chain, repeat
+from operator import add
 
 from ..errors import CodecError
 from ..memo import Memo
@@ -524,6 +525,20 @@ def pack_lines(lines: Iterable[str], mark: int, limit: int = MAX_PAYLOAD) -> Tex
     if not n:
         return TextPayload(NO_STATE, 0, len(full))
     return TextPayload("".join(full[:n]).encode("ascii"), n, len(full) - n)
+
+
+def pack_rests(timeouts: Sequence[int], rests: Sequence[bytes], mark: int, limit: int = MAX_PAYLOAD) -> TextPayload:
+    """:func:`pack_lines` of lines given as their timeouts and the rest of
+    each (:func:`render_rest`, ASCII bytes): the same bytes, made by one
+    format call over all the lines that fit, without a string per line."""
+    suffix = b" --mark %d\n" % mark
+    fixed = len(b"-A -t ") + len(suffix)
+    sizes = map(add, map(len, rests), map(len, map(str, timeouts)))
+    n = bisect_right(list(accumulate(map(fixed.__add__, sizes))), limit)
+    if not n:
+        return TextPayload(NO_STATE, 0, len(rests))
+    data = (b"-A -t %d%s" + suffix) * n % tuple(chain.from_iterable(zip(timeouts[:n], rests[:n], strict=True)))
+    return TextPayload(data, n, len(rests) - n)
 
 
 def decode_payload(data: bytes, mark: int) -> Decoded:

@@ -32,10 +32,11 @@ class Sendable(Protocol):
         compressed segments if they were made ahead (:class:`compact.ColumnStream`)."""
         ...
 
-    def lines(self, positions: Sequence[int]) -> list[str]:
-        """The save lines (:func:`savetext.render_line`) of the items at
-        ``positions`` whose line conntrack(8) loads (:func:`savetext.text_problem`),
-        in that order."""
+    def text(self, positions: Sequence[int], mark: int, room: int) -> savetext.TextPayload:
+        """The save lines (:func:`savetext.render_line`, with `` --mark MARK``)
+        of the items at ``positions`` whose line conntrack(8) loads
+        (:func:`savetext.text_problem`), in that order, as many as fit in
+        ``room`` bytes (:func:`savetext.pack_lines`)."""
         ...
 
     def entries(self) -> Sequence[Entry]:
@@ -61,10 +62,10 @@ class EntryList:
     def columns(self) -> tuple[list[bytes], None]:
         return compact.columns_of(self.raw()), None
 
-    def lines(self, positions: Sequence[int]) -> list[str]:
+    def text(self, positions: Sequence[int], mark: int, room: int) -> savetext.TextPayload:
         have = self._entries
-        return [savetext.render_line(e) for e in map(have.__getitem__, positions)
-                if savetext.text_problem(e) is None]
+        return savetext.pack_lines([savetext.render_line(e) for e in map(have.__getitem__, positions)
+                                    if savetext.text_problem(e) is None], mark, room)
 
     def entries(self) -> Sequence[Entry]:
         return self._entries
