@@ -68,8 +68,23 @@ def first_positions(items: Iterable[tuple[int, int, int, int | None]], k: int) -
     return first_of_keys(list(_keys(items)), k)
 
 
+#: Every how many keys one goes into the sample :func:`first_of_keys` guesses its cut from.
+SAMPLE = 16
+
+
 def first_of_keys(keys: list[int], k: int) -> list[int]:
     """:func:`first_positions` of items given by their keys (:func:`column_keys`)."""
+    if len(keys) >= 4 * k >= 4 * RUN // SAMPLE:
+        # Few of many (the save lines behind a large compact section): a
+        # sample's order gives a key about twice as far down as the k-th;
+        # only the keys up to it are sorted. Keys are distinct, so if at
+        # least k are that small, the k smallest are theirs: the same answer
+        # as sorting all (~10 instead of ~16 ms at 50,000 here).
+        sample = sorted(keys[::SAMPLE])
+        cut = sample[min(len(sample) - 1, 2 * k // SAMPLE + 8)]
+        few = sorted([key for key in keys if key <= cut])
+        if len(few) >= k:
+            return [key & _POSITION_MASK for key in few[:k]]
     # Each run sorted on its own (the GIL is held per run only), its k
     # smallest kept; the k smallest of those are the k smallest of all.
     best: list[int] = []
