@@ -235,19 +235,38 @@ def _compressed(columns: Sequence[bytes]) -> list[bytes]:
     if sum(map(len, columns)) < PARALLEL_FROM:
         return _segments(columns)
     out: list[bytes | None] = [None] * len(columns)
-    # next() on a shared counter is one step under the GIL: no column twice.
+
+    def one(i: int) -> None:
+        out[i] = _segments(columns[i:i + 1])[0]
+
+    _on_two_threads(one, len(columns))
+    return [seg if seg is not None else b"" for seg in out]
+
+
+def _on_two_threads(work: Callable[[int], None], n: int, parallel: bool = True) -> None:
+    """``work(i)`` for every i below ``n``, on this thread and a second one
+    (zlib lets go of the GIL while it works): each takes the next i as it is
+    free. Whatever the second thread did not finish is done here after it."""
+    if not parallel:
+        for i in range(n):
+            work(i)
+        return
+    # next() on a shared counter is one step under the GIL: no i twice.
     todo = itertools.count()
+    done: set[int] = set()
 
-    def work() -> None:
-        while (i := next(todo)) < len(columns):
-            out[i] = _segments(columns[i:i + 1])[0]
+    def worker() -> None:
+        while (i := next(todo)) < n:
+            work(i)
+            done.add(i)
 
-    helper = threading.Thread(target=work, name="compress")
+    helper = threading.Thread(target=worker, name="compress")
     helper.start()
-    work()
+    worker()
     helper.join()
-    # A column the helper left (it failed) is compressed here.
-    return [seg if seg is not None else _segments(columns[i:i + 1])[0] for i, seg in enumerate(out)]
+    for i in range(n):  # an i the helper took but did not finish (it failed)
+        if i not in done:
+            work(i)
 
 
 class ColumnStream:
@@ -290,13 +309,20 @@ class ColumnStream:
         :param timeouts: every record's timeout, 4 bytes little-endian each
         """
         columns = [b"".join(pieces) for pieces in self._pieces]
-        segments: list[bytes] = []
-        for i, z in enumerate(self._compressors):
+        segments: list[bytes] = [b""] * len(columns)
+
+        def end(i: int) -> None:
+            z = self._compressors[i]
             if z is None:
                 columns[i] = timeouts[i - TIMEOUT_OFFSET::4]
-                segments.append(_segments(columns[i:i + 1])[0])
+                segments[i] = _segments(columns[i:i + 1])[0]
             else:
-                segments.append(b"".join(self._segments[i]) + z.flush(zlib.Z_FULL_FLUSH))
+                segments[i] = b"".join(self._segments[i]) + z.flush(zlib.Z_FULL_FLUSH)
+
+        # Each flush ends a deflate block (Huffman tables built, ~50 µs):
+        # for a large table a second thread takes half of them, as in
+        # _compressed.
+        _on_two_threads(end, len(columns), parallel=self.count * len(columns) >= PARALLEL_FROM)
         return columns, segments
 
 
