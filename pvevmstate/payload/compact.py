@@ -240,7 +240,9 @@ def _compressed(columns: Sequence[bytes]) -> list[bytes]:
         out[i] = _segments(columns[i:i + 1])[0]
 
     _on_two_threads(one, len(columns))
-    return [seg if seg is not None else b"" for seg in out]
+    done = [seg for seg in out if seg is not None]
+    assert len(done) == len(columns)  # _on_two_threads does every column
+    return done
 
 
 def _on_two_threads(work: Callable[[int], None], n: int, parallel: bool = True) -> None:
@@ -319,7 +321,7 @@ class ColumnStream:
             else:
                 segments[i] = b"".join(self._segments[i]) + z.flush(zlib.Z_FULL_FLUSH)
 
-        # Each flush ends a deflate block (Huffman tables built, ~50 µs):
+        # Each flush ends a deflate block (Huffman tables built, tens of µs):
         # for a large table a second thread takes half of them, as in
         # _compressed.
         _on_two_threads(end, len(columns), parallel=self.count * len(columns) >= PARALLEL_FROM)

@@ -21,7 +21,6 @@ from bisect import bisect_right
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from itertools import accumulate, chain, repeat
-from operator import add
 
 from ..errors import CodecError
 from ..memo import Memo
@@ -533,7 +532,7 @@ def pack_rests(timeouts: Sequence[int], rests: Sequence[bytes], mark: int, limit
     format call over all the lines that fit, without a string per line."""
     suffix = b" --mark %d\n" % mark
     fixed = len(b"-A -t ") + len(suffix)
-    sizes = map(add, map(len, rests), map(len, map(str, timeouts)))
+    sizes = map(operator.add, map(len, rests), map(len, map(str, timeouts)))
     n = bisect_right(list(accumulate(map(fixed.__add__, sizes))), limit)
     if not n:
         return TextPayload(NO_STATE, 0, len(rests))
