@@ -332,7 +332,8 @@ class Scan:
             self._next = p + m
         else:
             for k in range(m):
-                self._lookup(buf, offsets[k], lengths[k], keys[k], timeouts[k])
+                if not self._cached(keys[k], timeouts[k]):
+                    self._miss(buf, offsets[k], lengths[k], keys[k])
         if self._stream is not None and self._count - self._stream.count >= STREAM_BATCH:
             self._stream_more()
         return chunk
@@ -344,8 +345,9 @@ class Scan:
             self._stream.add(b"".join(self._chunks[self._streamed:]))
             self._streamed = len(self._chunks)
 
-    def _lookup(self, buf: bytes, off: int, mlen: int, key: int, timeout: int) -> None:
-        """One message whose key by its (length, family)'s first layout is ``key``."""
+    def _cached(self, key: int, timeout: int) -> bool:
+        """Take the message with ``key`` from the cache (at the slot expected
+        next, or wherever it is); False when the cache does not hold it."""
         table = self._pieces.records
         p = self._next
         if p < len(table.hashes) and table.hashes[p] == key:
@@ -358,7 +360,8 @@ class Scan:
             self.hits += 1
             self._expect(key)
         else:
-            self._miss(buf, off, mlen, key)
+            return False
+        return True
 
     def _hit(self, slot: int, key: int, timeout: int) -> None:
         self._chunks.append(self._pieces.records.record(slot))
@@ -388,16 +391,8 @@ class Scan:
             key = key_of(lay.stable(buf, off))
             at = lay.timeout_at
             timeout = int.from_bytes(buf[off + at:off + at + 4], "big") if at >= 0 else None
-            if key != tried and timeout is not None:
-                table = self._pieces.records
-                slot = table.find(key)
-                if slot >= 0:
-                    self._hit(slot, key, timeout)
-                    return
-                if table.expected(key):
-                    self.hits += 1
-                    self._expect(key)
-                    return
+            if key != tried and timeout is not None and self._cached(key, timeout):
+                return
         if e is None:
             e = layouts.decode_message(buf, off, mlen)
         if (e.status or 0) & IPS_EXPECTED:
