@@ -201,15 +201,17 @@ def encode_raw(raw: bytes | bytearray) -> bytes:
     return encode_columns(columns_of(raw))
 
 
-def encode_columns(columns: Sequence[bytes]) -> bytes:
+def encode_columns(columns: Sequence[bytes], segments: Sequence[bytes] | None = None) -> bytes:
     """:func:`encode_raw` of records given as their columns (:func:`columns_of`).
 
+    :param segments: the columns' compressed segments, when a
+        :class:`ColumnStream` made them already
     :raises CodecError: when there are too many records
     """
     n = len(columns[0])
     if n > MAX_RECORDS:
         raise CodecError("%d entries exceed the compact format's %d" % (n, MAX_RECORDS))
-    return _assemble(columns, n, _compressed(columns))
+    return _assemble(columns, n, _compressed(columns) if segments is None else segments)
 
 
 #: Column bytes from which a second thread compresses half the columns.
@@ -278,7 +280,7 @@ class ColumnStream:
     would otherwise wait for the next datagram), so that little is left to
     compress once the dump ends. Deflate's output does not depend on how its
     input is cut, so the segments are the same bytes
-    :func:`encode_columns` makes of the whole columns. The timeout columns
+    :func:`encode_columns` makes of the whole columns when given none. The timeout columns
     are left out until :meth:`finish`: the records come with timeout 0 and
     the fresh timeouts are known only at the end.
     """
@@ -326,17 +328,6 @@ class ColumnStream:
         # _compressed.
         _on_two_threads(end, len(columns), parallel=self.count * len(columns) >= PARALLEL_FROM)
         return columns, segments
-
-
-def encode_streamed(columns: Sequence[bytes], segments: Sequence[bytes]) -> bytes:
-    """:func:`encode_columns` of columns whose segments a :class:`ColumnStream` made.
-
-    :raises CodecError: when there are too many records
-    """
-    n = len(columns[0])
-    if n > MAX_RECORDS:
-        raise CodecError("%d entries exceed the compact format's %d" % (n, MAX_RECORDS))
-    return _assemble(columns, n, segments)
 
 
 def encode(entries: Sequence[Entry]) -> bytes:
