@@ -4,8 +4,11 @@ busy with a big Save must not hold up those reads, its own or another's."""
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Callable
+
+from sdbus import SdBus
 
 from pvevmstate import messages
 from pvevmstate.dbus.api import VMSTATE_PATH, VMState1Interface
@@ -17,20 +20,28 @@ ID_DEADLINE_MS = 50.0
 ENTRIES = 50_000
 
 
+async def _sample(bus: SdBus, names: list[str], done: Callable[[], bool],
+                  limit: float = math.inf) -> dict[str, list[float]]:
+    """Read each helper's Id in turn, in ms, until ``done()`` (or ``limit`` seconds)."""
+    proxies = {name: VMState1Interface.new_proxy(name, VMSTATE_PATH, bus) for name in names}
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    give_up = time.monotonic() + limit
+    while not done() and time.monotonic() < give_up:
+        for name, proxy in proxies.items():
+            t0 = time.perf_counter()
+            await proxy.id.get_async()
+            samples[name].append((time.perf_counter() - t0) * 1e3)
+        await asyncio.sleep(0.005)
+    return samples
+
+
 async def _ids_during_save(busy: str, other: str) -> tuple[bytes, dict[str, list[float]]]:
     bus = client.open_bus()
     try:
         saving = asyncio.ensure_future(VMState1Interface.new_proxy(busy, VMSTATE_PATH, bus).save())
         # Let the Save reach the helper before sampling.
         await asyncio.sleep(0.01)
-        samples: dict[str, list[float]] = {busy: [], other: []}
-        proxies = {name: VMState1Interface.new_proxy(name, VMSTATE_PATH, bus) for name in samples}
-        while not saving.done():
-            for name, proxy in proxies.items():
-                t0 = time.perf_counter()
-                await proxy.id.get_async()
-                samples[name].append((time.perf_counter() - t0) * 1e3)
-            await asyncio.sleep(0.005)
+        samples = await _sample(bus, [busy, other], saving.done)
         return bytes(await saving), samples
     finally:
         bus.close()
@@ -44,26 +55,13 @@ def test_id_answers_within_50_ms_during_a_50000_entry_save(netns_factory: NetnsF
     helper_factory(ns, 101)
     data, samples = asyncio.run(_ids_during_save(client.vm(100), client.vm(101)))
     assert data.startswith(b"#PVCT-HYBRID 1 50000 ")  # the Save really carried the 50,000 entries
-    for name, times in samples.items():
-        # Enough reads landed inside the Save to mean something.
-        assert len(times) >= 5, "only %d Id reads of %s during the Save" % (len(times), name)
-        assert max(times) <= ID_DEADLINE_MS, "%s: slowest Id read %.1f ms (%s)" % (
-            name, max(times), ", ".join("%.1f" % t for t in sorted(times)[-5:]))
+    _check(samples, "the Save")
 
 
 async def _ids_until(names: list[str], done: Callable[[], bool], limit: float) -> dict[str, list[float]]:
     bus = client.open_bus()
     try:
-        proxies = {name: VMState1Interface.new_proxy(name, VMSTATE_PATH, bus) for name in names}
-        samples: dict[str, list[float]] = {name: [] for name in names}
-        give_up = time.monotonic() + limit
-        while not done() and time.monotonic() < give_up:
-            for name, proxy in proxies.items():
-                t0 = time.perf_counter()
-                await proxy.id.get_async()
-                samples[name].append((time.perf_counter() - t0) * 1e3)
-            await asyncio.sleep(0.005)
-        return samples
+        return await _sample(bus, names, done, limit)
     finally:
         bus.close()
 
@@ -88,6 +86,7 @@ def test_id_answers_within_50_ms_during_background_dumps_and_a_cached_save(
 
 def _check(samples: dict[str, list[float]], during: str) -> None:
     for name, times in samples.items():
+        # Enough reads landed inside it to mean something.
         assert len(times) >= 5, "only %d Id reads of %s during %s" % (len(times), name, during)
         assert max(times) <= ID_DEADLINE_MS, "%s during %s: slowest Id read %.1f ms (%s)" % (
             name, during, max(times), ", ".join("%.1f" % t for t in sorted(times)[-5:]))
