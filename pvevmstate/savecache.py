@@ -62,9 +62,9 @@ MAX_LINES = payload.MAX_PAYLOAD // payload.MIN_TEXT_LINE + 1
 #: save lines fit behind the compact section assumes.
 MIN_ARMORED_RECORD = 12
 _BIG_ENDIAN = sys.byteorder == "big"
-#: Records Save's scan gathers before it shuffles and compresses them: few
-#: enough that it is done before the kernel has the next datagrams ready,
-#: enough that the ~130 calls per batch cost little per record.
+#: Records Save's scan gathers before it shuffles them: few enough that it
+#: is done before the kernel has the next datagrams ready, enough that the
+#: ~130 slices per batch cost little per record.
 STREAM_BATCH = 1024
 
 
@@ -251,7 +251,7 @@ class Scan:
     :param pieces: the cache to look messages up in (:data:`EMPTY`: none)
     :param layouts: the socket's learned message layouts
     :param collect: keep what this dump found, for :meth:`pieces` (background
-        scans); else the records are compressed as they come (Save's scan,
+        scans); else the records are byte-shuffled as they come (Save's scan,
         :class:`pvevmstate.payload.compact.ColumnStream`)
     """
 
@@ -278,12 +278,12 @@ class Scan:
         self._expected_keys: list[int] = []
         #: The slot the next message is expected to have.
         self._next = 0
-        #: Save's records as they come, shuffled and compressed (not in
-        #: background scans: they would pay for it on every pass), how many
-        #: chunks went in, and what came out at the end.
+        #: Save's records as they come, shuffled (not in background scans:
+        #: they would pay for it on every pass), how many chunks went in, and
+        #: the columns at the end.
         self._stream = None if collect else compact.ColumnStream()
         self._streamed = 0
-        self._columns: tuple[list[bytes], list[bytes] | None] | None = None
+        self._columns: list[bytes] | None = None
         #: Entries found in the cache, and expected entries left out.
         self.hits = self.expected = 0
 
@@ -431,10 +431,10 @@ class Scan:
             timeouts.byteswap()
         return timeouts.tobytes()
 
-    def columns(self) -> tuple[list[bytes], list[bytes] | None]:
+    def columns(self) -> list[bytes]:
         if self._columns is None:
             if self._stream is None:
-                self._columns = compact.columns_of(self.raw()), None
+                self._columns = compact.columns_of(self.raw())
             else:
                 self._stream_more()
                 self._columns = self._stream.finish(self._timeout_bytes())

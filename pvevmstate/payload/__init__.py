@@ -163,8 +163,8 @@ def _compact_section(items: Sendable, limit: int) -> _Section:
     size = compact.RECORD.size
     count = len(items)
     if count <= compact.MAX_RECORDS:
-        columns, segments = items.columns()
-        data = compact.encode_columns(columns, segments)
+        columns = items.columns()
+        data = compact.encode_columns(columns)
         if len(data) <= limit:
             return _Section(count, data, columns)
         per_record = (len(data) - compact.HEADER.size) / count

@@ -201,45 +201,56 @@ def encode_raw(raw: bytes | bytearray) -> bytes:
     return encode_columns(columns_of(raw))
 
 
-def encode_columns(columns: Sequence[bytes], segments: Sequence[bytes] | None = None) -> bytes:
+def encode_columns(columns: Sequence[bytes]) -> bytes:
     """:func:`encode_raw` of records given as their columns (:func:`columns_of`).
 
-    :param segments: the columns' compressed segments, when a
-        :class:`ColumnStream` made them already
     :raises CodecError: when there are too many records
     """
     n = len(columns[0])
     if n > MAX_RECORDS:
         raise CodecError("%d entries exceed the compact format's %d" % (n, MAX_RECORDS))
-    return _assemble(columns, n, _compressed(columns) if segments is None else segments)
+    return _assemble(columns, n, _compressed(columns))
 
 
 #: Column bytes from which a second thread compresses half the columns.
 PARALLEL_FROM = 1 << 18
 
 
-def _segments(columns: Sequence[bytes]) -> list[bytes]:
-    out = []
-    for col in columns:
+def _segments(columns: Sequence[bytes], z: Any = None) -> list[bytes]:
+    """Each column as a deflate segment (raw deflate, ended by a full flush).
+
+    One compressor does them all: a full flush that has taken in all its
+    input leaves deflate as a new one (history and hash cleared, output
+    byte-aligned, window position back to 0), so each segment is the bytes a
+    compressor of its own makes (``test_compact`` checks this). A new
+    compressor costs ~260 KB of fresh memory, 126 of them ~10 ms of page
+    faults inside the downtime.
+
+    :param z: the compressor to go on with (:func:`_column_compressor`; None: a new one)
+    """
+    if z is None:
         z = _column_compressor()
-        out.append(z.compress(col) + z.flush(zlib.Z_FULL_FLUSH))
-    return out
+    return [z.compress(col) + z.flush(zlib.Z_FULL_FLUSH) for col in columns]
 
 
 def _compressed(columns: Sequence[bytes]) -> list[bytes]:
-    """Each column as a deflate segment (raw deflate, ended by a full flush).
+    """:func:`_segments`, on two threads for a large table.
 
     zlib lets go of the GIL while it compresses, so for a large table a
     second thread compresses too: Save's compression runs inside the
     downtime, on a host with more than one core. The two take the next
-    column as each is free (columns differ much in how long they take).
+    column as each is free (columns differ much in how long they take), each
+    with its own compressor.
     """
     if sum(map(len, columns)) < PARALLEL_FROM:
         return _segments(columns)
     out: list[bytes | None] = [None] * len(columns)
+    own = threading.local()
 
     def one(i: int) -> None:
-        out[i] = _segments(columns[i:i + 1])[0]
+        if not hasattr(own, "z"):
+            own.z = _column_compressor()
+        out[i] = _segments(columns[i:i + 1], own.z)[0]
 
     _on_two_threads(one, len(columns))
     done = [seg for seg in out if seg is not None]
@@ -247,14 +258,10 @@ def _compressed(columns: Sequence[bytes]) -> list[bytes]:
     return done
 
 
-def _on_two_threads(work: Callable[[int], None], n: int, parallel: bool = True) -> None:
+def _on_two_threads(work: Callable[[int], None], n: int) -> None:
     """``work(i)`` for every i below ``n``, on this thread and a second one
     (zlib lets go of the GIL while it works): each takes the next i as it is
     free. Whatever the second thread did not finish is done here after it."""
-    if not parallel:
-        for i in range(n):
-            work(i)
-        return
     # next() on a shared counter is one step under the GIL: no i twice.
     todo = itertools.count()
     done: set[int] = set()
@@ -274,60 +281,38 @@ def _on_two_threads(work: Callable[[int], None], n: int, parallel: bool = True) 
 
 
 class ColumnStream:
-    """Records byte-shuffled and compressed as they come, a batch at a time.
+    """Records byte-shuffled as they come, a batch at a time.
 
     Save's scan feeds it while the kernel is still dumping (the scan's thread
-    would otherwise wait for the next datagram), so that little is left to
-    compress once the dump ends. Deflate's output does not depend on how its
-    input is cut, so the segments are the same bytes
-    :func:`encode_columns` makes of the whole columns when given none. The timeout columns
-    are left out until :meth:`finish`: the records come with timeout 0 and
-    the fresh timeouts are known only at the end.
+    would otherwise wait for the next datagram), so that the columns are only
+    joined once the dump ends. The timeout columns are left out until
+    :meth:`finish`: the records come with timeout 0 and the fresh timeouts
+    are known only at the end.
     """
 
-    __slots__ = ("_compressors", "_pieces", "_segments", "count")
+    __slots__ = ("_pieces", "count")
 
     def __init__(self) -> None:
-        size = RECORD.size
-        late = range(TIMEOUT_OFFSET, TIMEOUT_OFFSET + 4)
-        self._compressors = [None if i in late else _column_compressor() for i in range(size)]
-        self._pieces: list[list[bytes]] = [[] for _ in range(size)]
-        self._segments: list[list[bytes]] = [[] for _ in range(size)]
+        self._pieces: list[list[bytes]] = [[] for _ in range(RECORD.size)]
         #: Records taken in so far.
         self.count = 0
 
     def add(self, raw: bytes) -> None:
         """Take in records laid end to end (their timeouts are ignored)."""
         size = RECORD.size
-        for i, (z, pieces, segments) in enumerate(zip(self._compressors, self._pieces, self._segments,
-                                                      strict=True)):
-            piece = raw[i::size]
-            pieces.append(piece)
-            if z is not None:
-                segments.append(z.compress(piece))
+        for i, pieces in enumerate(self._pieces):
+            pieces.append(raw[i::size])
         self.count += len(raw) // size
 
-    def finish(self, timeouts: bytes) -> tuple[list[bytes], list[bytes]]:
-        """The columns (:func:`columns_of`) and their segments (:func:`_compressed`).
+    def finish(self, timeouts: bytes) -> list[bytes]:
+        """The columns (:func:`columns_of`) of all records taken in.
 
         :param timeouts: every record's timeout, 4 bytes little-endian each
         """
         columns = [b"".join(pieces) for pieces in self._pieces]
-        segments: list[bytes] = [b""] * len(columns)
-
-        def end(i: int) -> None:
-            z = self._compressors[i]
-            if z is None:
-                columns[i] = timeouts[i - TIMEOUT_OFFSET::4]
-                segments[i] = _segments(columns[i:i + 1])[0]
-            else:
-                segments[i] = b"".join(self._segments[i]) + z.flush(zlib.Z_FULL_FLUSH)
-
-        # Each flush ends a deflate block (Huffman tables built, tens of µs):
-        # for a large table a second thread takes half of them, as in
-        # _compressed.
-        _on_two_threads(end, len(columns), parallel=self.count * len(columns) >= PARALLEL_FROM)
-        return columns, segments
+        for i in range(4):
+            columns[TIMEOUT_OFFSET + i] = timeouts[i::4]
+        return columns
 
 
 def encode(entries: Sequence[Entry]) -> bytes:

@@ -27,9 +27,8 @@ class Sendable(Protocol):
         """Every item's compact record (:data:`compact.RECORD`), laid end to end, in item order."""
         ...
 
-    def columns(self) -> tuple[list[bytes], list[bytes] | None]:
-        """:meth:`raw` as columns (:func:`compact.columns_of`), and their
-        compressed segments if they were made ahead (:class:`compact.ColumnStream`)."""
+    def columns(self) -> list[bytes]:
+        """:meth:`raw` as columns (:func:`compact.columns_of`)."""
         ...
 
     def text(self, positions: Sequence[int], mark: int, room: int) -> savetext.TextPayload:
@@ -59,8 +58,8 @@ class EntryList:
     def raw(self) -> bytes:
         return b"".join(compact.records(self._entries))
 
-    def columns(self) -> tuple[list[bytes], None]:
-        return compact.columns_of(self.raw()), None
+    def columns(self) -> list[bytes]:
+        return compact.columns_of(self.raw())
 
     def text(self, positions: Sequence[int], mark: int, room: int) -> savetext.TextPayload:
         have = self._entries

@@ -182,6 +182,25 @@ def test_largest_prefix_is_exact_for_any_limit(limit: int) -> None:
     assert n == len(entries) or len(compact.encode(entries[:n + 1])) > limit
 
 
+def test_one_compressor_makes_each_column_as_its_own_would() -> None:
+    # _segments and the two compress threads reuse a compressor across
+    # columns: a full flush must leave it as a new one, for columns of the
+    # table (IPv4 and IPv6, some all zero) and for long, random ones alike
+    # (longer than deflate's 32 KiB window).
+    cols = compact.columns_of(b"".join(compact.records(parsed(realistic_lines(3000, seed=9)))))
+    rnd = random.Random(3)
+    cols += [bytes(rnd.choice(b"\x00\x00\x01\x02\xff") for _ in range(rnd.randrange(1, 90_000)))
+             for _ in range(12)]
+
+    def alone(col: bytes) -> bytes:
+        z = compact._column_compressor()
+        return bytes(z.compress(col) + z.flush(zlib.Z_FULL_FLUSH))
+
+    expected = [alone(col) for col in cols]
+    assert compact._segments(cols) == expected
+    assert sum(map(len, cols)) >= compact.PARALLEL_FROM and compact._compressed(cols) == expected
+
+
 @pytest.mark.parametrize("per_record", [0.1, 3.0, 14.0, 400.0])
 def test_largest_prefix_does_not_depend_on_the_first_guess(per_record: float) -> None:
     # A wrong guess costs probes, never the answer.
