@@ -466,7 +466,7 @@ class Scan:
         rest = self._rests[i] = _rest(self._entry(i))
         return rest
 
-    def text(self, positions: Sequence[int], mark: int, room: int) -> savetext.TextPayload:
+    def lines(self, positions: Sequence[int], mark: int) -> savetext.Lines:
         # In bulk, for the thousands of lines a hybrid payload may take: each
         # step below is one C loop over all the lines, not a Python step per
         # line. A line whose rest the cache holds is its fresh timeout and
@@ -480,7 +480,7 @@ class Scan:
         if _NO_LINE in rests:  # lines conntrack(8) cannot load are left out
             timeouts = [t for t, r in zip(timeouts, rests, strict=True) if r]
             rests = [r for r in rests if r]
-        return savetext.pack_rests(timeouts, cast("list[bytes]", rests), mark, room)
+        return savetext.join_rests(timeouts, cast("list[bytes]", rests), mark)
 
     def entries(self) -> Sequence[Entry]:
         return [self._entry(i) for i in range(self._count)]

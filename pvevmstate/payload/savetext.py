@@ -17,10 +17,9 @@ from __future__ import annotations
 import operator
 import socket
 import sys
-from bisect import bisect_right
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from itertools import accumulate, chain, repeat
+from itertools import chain, repeat
 
 from ..errors import CodecError
 from ..memo import Memo
@@ -512,32 +511,58 @@ def encode_text(entries: Iterable[Entry], mark: int, limit: int = MAX_PAYLOAD) -
 def pack_lines(lines: Iterable[str], mark: int, limit: int = MAX_PAYLOAD) -> TextPayload:
     """:func:`encode_text` of save lines already rendered (:func:`render_line`).
 
-    The lines that fit are the longest prefix whose total stays within
-    ``limit``. Found in bulk (suffixes, lengths, running total and cut are C
-    loops, not a Python step per line): Save's hybrid payload packs thousands
-    of lines inside the VM's downtime.
+    The lines that fit are the longest prefix whose total stays within ``limit``.
     """
+    return cut(join_lines(lines, mark), limit)
+
+
+@dataclass(frozen=True, slots=True)
+class Lines:
+    """Save lines end to end, each ending in a newline, and how many there are."""
+
+    data: bytes
+    count: int
+
+
+def join_lines(lines: Iterable[str], mark: int) -> Lines:
+    """Save lines already rendered (:func:`render_line`), each with
+    `` --mark MARK`` and a newline, end to end."""
     suffix = " --mark %d\n" % mark
     full = list(map(operator.add, lines, repeat(suffix)))
     # Save lines are ASCII, so characters == bytes.
-    n = bisect_right(list(accumulate(map(len, full))), limit)
-    if not n:
-        return TextPayload(NO_STATE, 0, len(full))
-    return TextPayload("".join(full[:n]).encode("ascii"), n, len(full) - n)
+    return Lines("".join(full).encode("ascii"), len(full))
 
 
-def pack_rests(timeouts: Sequence[int], rests: Sequence[bytes], mark: int, limit: int = MAX_PAYLOAD) -> TextPayload:
-    """:func:`pack_lines` of lines given as their timeouts and the rest of
-    each (:func:`render_rest`, ASCII bytes): the same bytes, made by one
-    format call over all the lines that fit, without a string per line."""
+def join_rests(timeouts: Sequence[int], rests: Sequence[bytes], mark: int) -> Lines:
+    """:func:`join_lines` of lines given as their timeouts and the rest of each
+    (:func:`render_rest`, ASCII bytes): the same bytes, made by one format
+    call over all the lines, without a string per line."""
     suffix = b" --mark %d\n" % mark
-    fixed = len(b"-A -t ") + len(suffix)
-    sizes = map(operator.add, map(len, rests), map(len, map(str, timeouts)))
-    n = bisect_right(list(accumulate(map(fixed.__add__, sizes))), limit)
+    data = (b"-A -t %d%s" + suffix) * len(rests) % tuple(chain.from_iterable(zip(timeouts, rests, strict=True)))
+    return Lines(data, len(rests))
+
+
+def fit(lines: Lines, limit: int) -> tuple[int, int]:
+    """How many bytes and how many lines from the start of ``lines`` fit in
+    ``limit`` bytes (whole lines only).
+
+    Found by C searches over the bytes (the last newline within the limit,
+    the newlines after it), not by a running total of line lengths: Save's
+    hybrid payload packs thousands of lines inside the VM's downtime.
+    """
+    data = lines.data
+    if len(data) <= limit:
+        return len(data), lines.count
+    end = data.rfind(b"\n", 0, max(limit, 0)) + 1
+    return end, lines.count - data.count(b"\n", end)
+
+
+def cut(lines: Lines, limit: int) -> TextPayload:
+    """The lines of :func:`fit`, as a payload."""
+    end, n = fit(lines, limit)
     if not n:
-        return TextPayload(NO_STATE, 0, len(rests))
-    data = (b"-A -t %d%s" + suffix) * n % tuple(chain.from_iterable(zip(timeouts[:n], rests[:n], strict=True)))
-    return TextPayload(data, n, len(rests) - n)
+        return TextPayload(NO_STATE, 0, lines.count)
+    return TextPayload(lines.data if end == len(lines.data) else lines.data[:end], n, lines.count - n)
 
 
 def decode_payload(data: bytes, mark: int) -> Decoded:

@@ -31,11 +31,12 @@ class Sendable(Protocol):
         """:meth:`raw` as columns (:func:`compact.columns_of`)."""
         ...
 
-    def text(self, positions: Sequence[int], mark: int, room: int) -> savetext.TextPayload:
+    def lines(self, positions: Sequence[int], mark: int) -> savetext.Lines:
         """The save lines (:func:`savetext.render_line`, with `` --mark MARK``)
         of the items at ``positions`` whose line conntrack(8) loads
-        (:func:`savetext.text_problem`), in that order, as many as fit in
-        ``room`` bytes (:func:`savetext.pack_lines`)."""
+        (:func:`savetext.text_problem`), in that order, end to end
+        (:func:`savetext.join_lines`; the caller fits them to its room,
+        :func:`savetext.fit`)."""
         ...
 
     def entries(self) -> Sequence[Entry]:
@@ -61,10 +62,10 @@ class EntryList:
     def columns(self) -> list[bytes]:
         return compact.columns_of(self.raw())
 
-    def text(self, positions: Sequence[int], mark: int, room: int) -> savetext.TextPayload:
+    def lines(self, positions: Sequence[int], mark: int) -> savetext.Lines:
         have = self._entries
-        return savetext.pack_lines([savetext.render_line(e) for e in map(have.__getitem__, positions)
-                                    if savetext.text_problem(e) is None], mark, room)
+        return savetext.join_lines([savetext.render_line(e) for e in map(have.__getitem__, positions)
+                                    if savetext.text_problem(e) is None], mark)
 
     def entries(self) -> Sequence[Entry]:
         return self._entries

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import bisect
+import itertools
+import random
+
 import pytest
 
 from pvevmstate.errors import CodecError
 from pvevmstate.model import IPS_SRC_NAT_DONE, PROTO_DCCP, PROTO_ICMP, Entry
-from pvevmstate.payload import MAX_PAYLOAD
+from pvevmstate.payload import MAX_PAYLOAD, NO_STATE
 from pvevmstate.payload import savetext as codec
 from tests.support import example_lines
 
@@ -132,6 +136,30 @@ def test_encode_text_never_exceeds_limit(limit: int) -> None:
     if p.sent:
         # counting every byte, including the suffix and newline
         assert len(p.data) == sum(len(ln) + 1 for ln in p.data.decode().splitlines())
+
+
+def test_fit_is_the_longest_run_of_whole_lines_within_the_limit() -> None:
+    # fit() cuts with searches over the bytes; the reference is a running total.
+    rnd = random.Random(5)
+    rendered = [codec.render_line(_entry(i)) + "x" * rnd.randrange(0, 40) for i in range(300)]
+    lines = codec.join_lines(rendered, 100)
+    sizes = list(itertools.accumulate(len(ln) + len(" --mark 100\n") for ln in rendered))
+    assert lines.count == 300 and len(lines.data) == sizes[-1]
+    limits = [0, 1, sizes[0] - 1, sizes[0], sizes[0] + 1, sizes[-1] - 1, sizes[-1], sizes[-1] + 7]
+    limits += [s + d for s in rnd.sample(sizes, 40) for d in (-1, 0, 1)]
+    for limit in limits:
+        n = bisect.bisect_right(sizes, limit)
+        assert codec.fit(lines, limit) == ((sizes[n - 1] if n else 0), n), limit
+        text = codec.cut(lines, limit)
+        assert (text.sent, text.left_out) == (n, 300 - n)
+        assert text.data == (lines.data[:sizes[n - 1]] if n else NO_STATE)
+
+
+def test_join_rests_is_join_lines() -> None:
+    entries = [_entry(i) for i in range(50)]
+    rests = [codec.render_rest(e).encode("ascii") for e in entries]
+    assert codec.join_rests([e.timeout or 0 for e in entries], rests, 7) == codec.join_lines(
+        map(codec.render_line, entries), 7)
 
 
 def test_decode_payload_nothing() -> None:

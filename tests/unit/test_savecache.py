@@ -77,4 +77,4 @@ def test_a_generation_holds_what_its_dump_found() -> None:
         again.feed(buf, len(buf), d["seq"])
         assert again.hits == len(again) + again.expected == len(pieces) > 0
         assert again.raw() == first.raw()
-        assert again.text(range(len(again)), 100, 1 << 20) == first.text(range(len(first)), 100, 1 << 20)
+        assert again.lines(range(len(again)), 100) == first.lines(range(len(first)), 100)
