@@ -208,7 +208,10 @@ def _run(args: argparse.Namespace) -> int:
         return cleanup.run(settings)
     # Loaded here, before the event loop takes its descriptors: with none
     # left, the netlink socket is what fails, with the error that says so.
+    from . import heap
     from .netlink.conntrack import Conntrack
+
+    heap.configure()  # before any thread: one arena for all of them
 
     # The background dumps' socket needs no more than a dump's datagram (at
     # most 32 KiB) of buffer: memory the helper holds while it waits.

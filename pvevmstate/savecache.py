@@ -253,13 +253,17 @@ class Scan:
     :param collect: keep what this dump found, for :meth:`pieces` (background
         scans); else the records are byte-shuffled as they come (Save's scan,
         :class:`pvevmstate.payload.compact.ColumnStream`)
+    :param after_feed: called after each datagram is taken in, while the
+        kernel makes the next (Save: :meth:`pvevmstate.heap.Prefault.step`)
     """
 
-    def __init__(self, pieces: Pieces, layouts: LayoutCache, collect: bool = False) -> None:
+    def __init__(self, pieces: Pieces, layouts: LayoutCache, collect: bool = False,
+                 after_feed: Callable[[], None] | None = None) -> None:
         self._pieces = pieces
         self._layouts = layouts
         self._readers = _Readers({})
         self._collect = collect
+        self._after_feed = after_feed
         #: The items' records (timeout 0) end to end, in pieces: a run of
         #: unchanged entries is one slice of the cache's records.
         self._chunks: list[bytes] = []
@@ -291,6 +295,12 @@ class Scan:
 
     def feed(self, buf: bytes, size: int, seq: int) -> DumpChunk:
         """Take in one datagram of the dump whose request had ``seq``."""
+        chunk = self._take(buf, size, seq)
+        if self._after_feed is not None:
+            self._after_feed()
+        return chunk
+
+    def _take(self, buf: bytes, size: int, seq: int) -> DumpChunk:
         # Runs once per datagram inside the downtime, so every step below is
         # one C loop over the datagram's messages (map), not a Python step
         # per message: keys, timeouts, and one comparison of the keys with

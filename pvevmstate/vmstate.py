@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from . import journal, messages, payload, savecache
+from . import heap, journal, messages, payload, savecache
 from .errors import errno_text
 from .model import CreateBatch, CreateResult, Entry, TableStats
 from .savecache import Pieces, Scan, ScanTable
@@ -130,7 +130,12 @@ class VMState:
             # The dump is still the truth; the cache only spares encoding
             # what has not changed since a background dump.
             layouts = pieces.layouts or backend.layouts
-            scan = backend.dump_into(self.vmid, lambda: Scan(pieces, layouts), overlap=True)
+            # The dump's reading thread waits for the kernel most of the
+            # time: it maps the memory the assembly will need meanwhile.
+            prefault = heap.Prefault(heap.prefault_size(len(pieces)))
+            scan = backend.dump_into(self.vmid, lambda: Scan(pieces, layouts, after_feed=prefault.step),
+                                     overlap=True)
+            prefault.release()
             assert scan is not None  # never stopped
             out = payload.encode_sendable(scan, self.vmid, self._limit, self._format)
             out.expected = scan.expected

@@ -21,13 +21,12 @@ every entry, costs several times the next ones), the passes take at most
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import logging
 import threading
 import time
 from collections.abc import Callable
 
-from . import messages, savecache
+from . import heap, messages, savecache
 from .errors import VMStateError
 from .savecache import Pieces, Scan, ScanTable
 
@@ -43,20 +42,6 @@ FIRST_DELAY = 1.0
 BUDGET = 0.1
 #: The share the pause is computed for.
 PACE = BUDGET * 0.8
-
-
-def _trim() -> None:
-    """Give the memory a pass freed back to the system (glibc's malloc_trim).
-
-    A pass leaves its scan's buffers (megabytes of records and keys at
-    50,000 entries) in the heap; without this the helper keeps holding them
-    while it waits for Save, and its RSS is the peak of a pass, not the cache.
-    """
-    try:
-        libc = ctypes.CDLL(None)
-        libc.malloc_trim(0)
-    except (OSError, AttributeError):
-        pass  # not glibc: its allocator decides
 
 
 class Warmer:
@@ -140,7 +125,7 @@ class Warmer:
         hits = scan.hits
         del scan
         old = savecache.EMPTY  # (the generation before: freed before the trim)
-        _trim()
+        heap.trim()
         cpu = time.process_time() - c0
         self.passes += 1
         if self.passes == 1:

@@ -1,0 +1,91 @@
+"""The heap set-up Save relies on: memory touched ahead is reused without page faults, and trimmed back."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from pvevmstate import heap
+from tests.support import REPO
+
+# Run in a child: the allocator's settings are per process and for good.
+_CHILD = r"""
+import json, resource, sys, threading
+from pvevmstate import heap
+
+def faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+configured = heap.configure() if sys.argv[1] == "configure" else False
+prefault = heap.Prefault(16 << 20)
+got = {}
+
+def save_thread():  # as Save: the dump's thread touches and frees
+    f0, r0 = faults(), rss()
+    for _ in range((16 << 20) // heap.SLICE):
+        prefault.step()
+    got["touched"] = faults() - f0
+    prefault.release()  # right away: the last slices border the heap's top
+    got["kept"] = rss() - r0
+
+worker = threading.Thread(target=save_thread)
+worker.start()
+worker.join()
+touched, kept = got["touched"], got["kept"]
+# As the reply: another thread (the event loop's) allocates.
+f1 = faults()
+payload = bytes(4 << 20) + b"x"       # what an assembly allocates: MiBs at once
+joined = b"".join((payload, payload))
+reused = faults() - f1
+del payload, joined
+r1 = rss()
+heap.trim()
+print(json.dumps({"configured": configured, "touched": touched, "kept": kept, "reused": reused,
+                  "trimmed": r1 - rss()}))
+"""
+
+
+def _child(mode: str) -> dict[str, int]:
+    out = subprocess.run([sys.executable, "-c", _CHILD, mode], cwd=REPO, capture_output=True, text=True,
+                         check=True, env={"PYTHONPATH": str(REPO)})
+    result: dict[str, int] = json.loads(out.stdout)
+    return result
+
+
+@pytest.mark.skipif(heap._libc() is None, reason="not glibc")
+def test_memory_touched_ahead_is_reused_then_trimmed() -> None:
+    got = _child("configure")
+    assert got["configured"]
+    pages = (16 << 20) // 4096
+    assert got["touched"] >= pages * 0.9
+    # Freed, the touched pages stay with the process (no trim on free) ...
+    assert got["kept"] >= (16 << 20) * 0.9, got
+    # ... and the 12 MiB another thread allocates next come from them, not
+    # from new ones.
+    assert got["reused"] < 100, got
+    assert got["trimmed"] >= (12 << 20) * 0.9, got
+
+
+@pytest.mark.skipif(heap._libc() is None, reason="not glibc")
+def test_without_the_settings_the_same_allocations_fault() -> None:
+    # The check above can fail: glibc's defaults map large blocks afresh.
+    got = _child("defaults")
+    assert got["reused"] > 2000, got
+
+
+def test_prefault_stops_at_its_size() -> None:
+    prefault = heap.Prefault(heap.SLICE * 2 + 1)
+    for _ in range(10):
+        prefault.step()
+    assert sum(map(len, prefault._held)) == heap.SLICE * 2 + 1
+    prefault.release()
+    assert not prefault._held
+    assert heap.prefault_size(0) == heap.PREFAULT_BASE
+    assert heap.prefault_size(10**9) == heap.PREFAULT_MAX
