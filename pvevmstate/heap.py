@@ -45,7 +45,7 @@ MMAP_THRESHOLD = 32 << 20
 SLICE = 256 << 10
 #: What Save's assembly uses besides its entries' share, and that share.
 PREFAULT_BASE = 8 << 20
-PREFAULT_PER_ENTRY = 600
+PREFAULT_PER_ENTRY = 200
 #: At most this much is touched ahead (a 200,000-entry table).
 PREFAULT_MAX = 96 << 20
 
@@ -57,6 +57,19 @@ def _libc() -> ctypes.CDLL | None:
         libc.malloc_trim  # noqa: B018
     except (OSError, AttributeError):
         return None
+    return libc
+
+
+def _allocator() -> ctypes.CDLL | None:
+    """The C library with malloc, memset and free typed for :class:`Prefault`."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc.restype = ctypes.c_void_p
+        libc.malloc.argtypes = [ctypes.c_size_t]
+        libc.memset.restype = ctypes.c_void_p
+        libc.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
+        libc.free.restype = None
+        libc.free.argtypes = [ctypes.c_void_p]
     return libc
 
 
@@ -92,23 +105,41 @@ def prefault_size(entries: int) -> int:
 class Prefault:
     """Memory touched a slice at a time (:meth:`step`), then freed for reuse (:meth:`release`).
 
+    The slices are the C library's own blocks, filled by its ``memset``:
+    ctypes lets go of the GIL for both calls, so the page faults do not hold
+    up the thread that receives the dump (it needs the GIL after each
+    datagram, and the kernel makes the next one only when asked).
+
     :param size: how much to touch in all
     """
 
-    __slots__ = ("_held", "_left")
+    __slots__ = ("_held", "_left", "_libc")
 
     def __init__(self, size: int) -> None:
-        self._held: list[bytearray] = []
-        self._left = size
+        self._libc = _allocator()
+        self._held: list[int] = []
+        self._left = size if self._libc is not None else 0
 
     def step(self) -> None:
         """Touch the next slice, if any is left."""
-        if self._left > 0:
-            # bytearray(n) zeroes its n bytes: every page is touched.
-            self._held.append(bytearray(min(SLICE, self._left)))
-            self._left -= SLICE
+        if self._left <= 0 or self._libc is None:
+            return
+        size = min(SLICE, self._left)
+        self._left -= size
+        block = self._libc.malloc(size)
+        if block:
+            self._libc.memset(block, 0, size)
+            self._held.append(block)
+
+    @property
+    def touched(self) -> int:
+        """Bytes touched so far and not yet released (whole slices)."""
+        return len(self._held) * SLICE
 
     def release(self) -> None:
         """Free what was touched: the allocator hands it out again."""
+        if self._libc is not None:
+            for block in self._held:
+                self._libc.free(block)
         self._held.clear()
         self._left = 0
