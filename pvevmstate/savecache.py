@@ -190,6 +190,10 @@ class Pieces:
     #: The layouts the background dumps learned (safe to share between
     #: threads): Save's scan reads by them instead of learning them again.
     layouts: LayoutCache | None = None
+    #: The records' columns compressed but for the timeout's
+    #: (:func:`compact.stable_segments`): a Save that finds the very same
+    #: entries in the same order compresses only their fresh timeouts.
+    segments: Sequence[bytes | None] | None = None
 
     def __len__(self) -> int:
         return len(self.records)
@@ -450,6 +454,15 @@ class Scan:
                 self._columns = self._stream.finish(self._timeout_bytes())
         return self._columns
 
+    def ready_segments(self) -> Sequence[bytes | None] | None:
+        # The cache's, when the items are its entries exactly: each one in
+        # the slot of its place (nothing new, changed, gone or moved).
+        table = self._pieces.records
+        segments = self._pieces.segments
+        if segments is None or self._count != len(table) or self._keyless:
+            return None
+        return segments if self._slots == array("i", range(len(table))) else None
+
     def raw(self) -> bytearray:
         raw = bytearray(self._records())
         # The records' timeout fields, written column-wise (records are little-endian).
@@ -525,4 +538,9 @@ class Scan:
             records = b"".join([records[i * _RECORD:(i + 1) * _RECORD] for i in kept])
             slot_of = {i: n for n, i in enumerate(kept)}
             rests = {slot_of[i]: r for i, r in rests.items() if i in slot_of}
-        return Pieces(RecordTable(keys, records, rests, self._expected_keys), self._layouts)
+        segments = self.ready_segments()  # the last generation's, if nothing changed
+        if segments is None:
+            segments = compact.stable_segments(records, stop.is_set)
+            if segments is None:
+                return None
+        return Pieces(RecordTable(keys, records, rests, self._expected_keys), self._layouts, segments)

@@ -164,7 +164,7 @@ def _compact_section(items: Sendable, limit: int) -> _Section:
     count = len(items)
     if count <= compact.MAX_RECORDS:
         columns = items.columns()
-        data = compact.encode_columns(columns)
+        data = compact.encode_columns(columns, items.ready_segments())
         if len(data) <= limit:
             return _Section(count, data, columns)
         per_record = (len(data) - compact.HEADER.size) / count

@@ -201,15 +201,42 @@ def encode_raw(raw: bytes | bytearray) -> bytes:
     return encode_columns(columns_of(raw))
 
 
-def encode_columns(columns: Sequence[bytes]) -> bytes:
+def encode_columns(columns: Sequence[bytes], ready: Sequence[bytes | None] | None = None) -> bytes:
     """:func:`encode_raw` of records given as their columns (:func:`columns_of`).
 
+    :param ready: the segments of columns compressed already
+        (:func:`stable_segments` of the same records), None where a column
+        is still to be compressed
     :raises CodecError: when there are too many records
     """
     n = len(columns[0])
     if n > MAX_RECORDS:
         raise CodecError("%d entries exceed the compact format's %d" % (n, MAX_RECORDS))
-    return _assemble(columns, n, _compressed(columns))
+    if ready is None:
+        return _assemble(columns, n, _compressed(columns))
+    todo = [i for i, seg in enumerate(ready) if seg is None]
+    made = dict(zip(todo, _compressed([columns[i] for i in todo]), strict=True))
+    return _assemble(columns, n, [made[i] if seg is None else seg for i, seg in enumerate(ready)])
+
+
+#: The columns a record's timeout fills: the ones that change from one dump to the next.
+TIMEOUT_COLUMNS = range(TIMEOUT_OFFSET, TIMEOUT_OFFSET + 4)
+
+
+def stable_segments(raw: bytes, stop: Callable[[], bool] | None = None) -> list[bytes | None] | None:
+    """The segment of every column of ``raw`` (records laid end to end) but
+    the timeout's (None there), or None when ``stop()`` turned true meanwhile.
+
+    What Save's cache keeps: a Save of the very same records (in the same
+    order, timeouts aside) then compresses only their timeouts.
+    """
+    z = _column_compressor()
+    out: list[bytes | None] = []
+    for i, col in enumerate(columns_of(raw)):
+        if stop is not None and stop():
+            return None
+        out.append(None if i in TIMEOUT_COLUMNS else _segments((col,), z)[0])
+    return out
 
 
 #: Column bytes from which a second thread compresses half the columns.

@@ -31,6 +31,11 @@ class Sendable(Protocol):
         """:meth:`raw` as columns (:func:`compact.columns_of`)."""
         ...
 
+    def ready_segments(self) -> Sequence[bytes | None] | None:
+        """Segments of :meth:`columns` compressed already (None where a column
+        is not), or None (:func:`compact.encode_columns`)."""
+        ...
+
     def lines(self, positions: Sequence[int], mark: int) -> savetext.Lines:
         """The save lines (:func:`savetext.render_line`, with `` --mark MARK``)
         of the items at ``positions`` whose line conntrack(8) loads
@@ -61,6 +66,9 @@ class EntryList:
 
     def columns(self) -> list[bytes]:
         return compact.columns_of(self.raw())
+
+    def ready_segments(self) -> None:
+        return None
 
     def lines(self, positions: Sequence[int], mark: int) -> savetext.Lines:
         have = self._entries

@@ -132,6 +132,7 @@ def test_cache_never_changes_the_payload(netns_factory: NetnsFactory, fmt: paylo
         after = record(table)
 
     cached = scan(after, pieces, layouts=layouts)
+    assert cached.ready_segments() is None  # changed: every column compressed afresh
     uncached = scan(after, savecache.EMPTY)
     reference = [e for buf, size, seq in after for e in _decoded(buf, size, seq)]
     want = payload.encode(reference, VMID, limit, fmt)
@@ -149,6 +150,28 @@ def test_cache_never_changes_the_payload(netns_factory: NetnsFactory, fmt: paylo
     # updates and the dump).
     sent = {(e.orig_src, e.sport, e.proto): e.timeout for e in reference}
     assert all(4300 <= (sent[(e.orig_src, e.sport, e.proto)] or 0) <= 4321 for e in aged)
+
+
+@pytest.mark.parametrize("fmt", [payload.Choice.AUTO, payload.Choice.COMPACT])
+def test_an_unchanged_table_is_sent_with_its_cached_compression(netns_factory: NetnsFactory,
+                                                                fmt: payload.Choice) -> None:
+    ns = netns_factory()
+    ns.load(realistic_lines(3000, seed=11, min_timeout=900), mark=VMID)
+    with conntrack_table(ns) as table:
+        layouts = netlink.LayoutCache()
+        pieces = scan(record(table), savecache.EMPTY, collect=True, layouts=layouts).pieces()
+        assert pieces.segments is not None
+        # Only timeouts change: the columns Save compresses afresh.
+        for e in [e for e in table.dump(VMID) if e.proto == PROTO_UDP and e.family == socket.AF_INET][:50]:
+            ns.conntrack("-U", *tuple_args(e), "-t", "4321")
+        after = record(table)
+    cached = scan(after, pieces, layouts=layouts)
+    assert cached.ready_segments() is pieces.segments
+    reference = [e for buf, size, seq in after for e in _decoded(buf, size, seq)]
+    assert payload.encode_sendable(cached, VMID, payload.MAX_PAYLOAD, fmt).data == payload.encode(
+        reference, VMID, payload.MAX_PAYLOAD, fmt).data
+    # The next generation takes them over without compressing them again.
+    assert scan(after, pieces, collect=True, layouts=layouts).pieces().segments is pieces.segments
 
 
 def _decoded(buf: bytes, size: int, seq: int) -> list[Entry]:
