@@ -44,8 +44,8 @@ from bisect import bisect_left
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import repeat
-from operator import add, rshift
-from typing import Protocol, cast, runtime_checkable
+from operator import add, itemgetter, rshift
+from typing import Protocol, TypeVar, cast, runtime_checkable
 
 from . import netlink, payload
 from .model import IPS_EXPECTED, Entry
@@ -100,6 +100,16 @@ def _sorted_slots(hashes: array[int]) -> array[int]:
 _NO_LINE = b""
 
 
+T = TypeVar("T")
+
+
+def _picked(values: Sequence[T], positions: Sequence[int]) -> list[T]:
+    """``[values[p] for p in positions]``, in one C call."""
+    if len(positions) > 1:
+        return list(itemgetter(*positions)(values))
+    return [values[p] for p in positions]
+
+
 class RecordTable:
     """One dump's entries, in its order: keys, records and save line rests.
 
@@ -120,7 +130,7 @@ class RecordTable:
     :param expected: the keys of expected entries (Save never sends one)
     """
 
-    __slots__ = ("_expected", "_order", "_rests", "data", "hashes")
+    __slots__ = ("_expected", "_order", "_rests", "data", "hashes", "unloadable")
 
     def __init__(self, hashes: array[int], records: bytes, rests: Mapping[int, bytes | None] | None = None,
                  expected: Iterable[int] = ()) -> None:
@@ -134,6 +144,8 @@ class RecordTable:
         for slot, rest in (rests or {}).items():
             kept[slot] = _NO_LINE if rest is None else rest
         self._rests = kept
+        #: Whether some kept rest is "no line" (text lists are then filtered).
+        self.unloadable = _NO_LINE in kept
 
     def __len__(self) -> int:
         return len(self.hashes) + len(self._expected)
@@ -167,7 +179,7 @@ class RecordTable:
         slot is -1: their places in the list hold nothing meaningful."""
         if not self._rests:
             return [None] * len(slots), list(range(len(slots)))
-        rests = list(map(self._rests.__getitem__, slots))  # slot -1: the last one's, fixed below
+        rests = _picked(self._rests, slots)  # slot -1: the last one's, fixed below
         missing: list[int] = []
         if slots and (min(slots) < 0 or None in rests):
             missing = [k for k, (slot, rest) in enumerate(zip(slots, rests, strict=True))
@@ -495,12 +507,13 @@ class Scan:
         # line. A line whose rest the cache holds is its fresh timeout and
         # that rest, as it is; the others (misses, rests not kept) are fixed
         # up after.
-        slots = list(map(self._slots.__getitem__, positions))
-        rests, missing = self._pieces.records.rests(slots)
+        table = self._pieces.records
+        slots = _picked(self._slots, positions)
+        rests, missing = table.rests(slots)
         for k in missing:
             rests[k] = self.rest(positions[k]) or _NO_LINE
-        timeouts = list(map(self._timeouts.__getitem__, positions))
-        if _NO_LINE in rests:  # lines conntrack(8) cannot load are left out
+        timeouts = _picked(self._timeouts, positions)
+        if (missing or table.unloadable) and _NO_LINE in rests:  # lines conntrack(8) cannot load are left out
             timeouts = [t for t, r in zip(timeouts, rests, strict=True) if r]
             rests = [r for r in rests if r]
         return savetext.join_rests(timeouts, cast("list[bytes]", rests), mark)

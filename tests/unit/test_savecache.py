@@ -10,11 +10,17 @@ from the message at the layout's offset.
 from __future__ import annotations
 
 import dataclasses
+import struct
+
+import pytest
 
 from pvevmstate import netlink, savecache
 from pvevmstate.errors import ConntrackError
-from pvevmstate.model import Entry
+from pvevmstate.model import PROTO_TCP, Entry
+from pvevmstate.payload import savetext
+from pvevmstate.payload.sendable import EntryList
 from tests.corpus import _as_dump_message, _golden, _messages
+from tests.support import realistic_lines
 
 
 def _all_messages() -> list[bytes]:
@@ -78,3 +84,38 @@ def test_a_generation_holds_what_its_dump_found() -> None:
         assert again.hits == len(again) + again.expected == len(pieces) > 0
         assert again.raw() == first.raw()
         assert again.lines(range(len(again)), 100) == first.lines(range(len(first)), 100)
+
+
+def _datagram(entries: list[Entry], seq: int = 1) -> bytes:
+    """Dump replies of ``entries`` (as the kernel sends them, mark 100), end to end."""
+    out = b""
+    for body in netlink.create_batch(entries, 100).bodies:
+        msg = struct.pack("=IHHII", 16 + len(body), netlink.IPCTNL_MSG_CT_NEW, netlink.NLM_F_MULTI, seq, 0) + body
+        out += msg + bytes(-len(msg) % 4)
+    return out
+
+
+@pytest.mark.parametrize("cached", [True, False])
+def test_save_lines_leave_out_what_conntrack_cannot_load(cached: bool) -> None:
+    # An entry conntrack(8) refuses (here: TCP without a state) is left out
+    # of the save lines whether its rest came from the cache (the table
+    # unchanged) or was made by Save's scan (a new entry, a miss).
+    ok = [savetext.parse_line(ln, 100) for ln in realistic_lines(60, seed=3, min_timeout=900)]
+    bad = dataclasses.replace(next(e for e in ok if e.proto == PROTO_TCP), state=None)
+    assert savetext.text_problem(bad)
+    after = [*ok[:30], bad, *ok[30:]]
+    before = after if cached else ok
+    layouts = netlink.LayoutCache()
+    background = savecache.Scan(savecache.EMPTY, layouts, collect=True)
+    buf = _datagram(before)
+    background.feed(buf, len(buf), 1)
+    pieces = background.pieces()
+    assert pieces.records.unloadable == cached
+    save = savecache.Scan(pieces, layouts)
+    buf = _datagram(after)
+    save.feed(buf, len(buf), 1)
+    assert save.hits == len(after) - (not cached)
+    decoded = [netlink.decode_entry(buf, off + 20, off + mlen, buf[off + 16]) for off, mlen in _messages(buf)]
+    positions = list(range(len(save)))[::-1]
+    assert save.lines(positions, 100) == EntryList(decoded).lines(positions, 100)
+    assert save.lines(positions, 100).count == len(after) - 1
