@@ -28,6 +28,7 @@ Elsewhere (musl, or a glibc without these knobs) all of this does nothing.
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,7 @@ PREFAULT_PER_ENTRY = 200
 PREFAULT_MAX = 96 << 20
 
 
+@functools.cache
 def _libc() -> ctypes.CDLL | None:
     try:
         libc = ctypes.CDLL(None)

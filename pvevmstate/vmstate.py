@@ -133,9 +133,11 @@ class VMState:
             # The dump's reading thread waits for the kernel most of the
             # time: it maps the memory the assembly will need meanwhile.
             prefault = heap.Prefault(heap.prefault_size(len(pieces)))
-            scan = backend.dump_into(self.vmid, lambda: Scan(pieces, layouts, after_feed=prefault.step),
-                                     overlap=True)
-            prefault.release()
+            try:
+                scan = backend.dump_into(self.vmid, lambda: Scan(pieces, layouts, after_feed=prefault.step),
+                                         overlap=True)
+            finally:
+                prefault.release()
             assert scan is not None  # never stopped
             out = payload.encode_sendable(scan, self.vmid, self._limit, self._format)
             out.expected = scan.expected

@@ -249,7 +249,7 @@ def _segments(columns: Sequence[bytes], z: Any = None) -> list[bytes]:
     One compressor does them all: a full flush that has taken in all its
     input leaves deflate as a new one (history and hash cleared, output
     byte-aligned, window position back to 0), so each segment is the bytes a
-    compressor of its own makes (``test_compact`` checks this). A new
+    compressor of its own makes (``test_payload.py`` checks this). A new
     compressor costs ~260 KB of fresh memory, 126 of them ~10 ms of page
     faults inside the downtime.
 
@@ -337,8 +337,8 @@ class ColumnStream:
         :param timeouts: every record's timeout, 4 bytes little-endian each
         """
         columns = [b"".join(pieces) for pieces in self._pieces]
-        for i in range(4):
-            columns[TIMEOUT_OFFSET + i] = timeouts[i::4]
+        for i, column in enumerate(TIMEOUT_COLUMNS):
+            columns[column] = timeouts[i::4]
         return columns
 
 
