@@ -11,6 +11,7 @@ matches a fresh dump.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import socket
 import subprocess
@@ -19,7 +20,7 @@ import time
 
 import pytest
 
-from pvevmstate import netlink, payload, savecache
+from pvevmstate import messages, netlink, payload, savecache
 from pvevmstate.model import IPS_ASSURED, PROTO_TCP, PROTO_UDP, TCP_STATE_ESTABLISHED, Entry
 from pvevmstate.netlink.conntrack import Conntrack
 from pvevmstate.payload import savetext
@@ -225,6 +226,29 @@ def test_save_under_churn_matches_a_fresh_dump(netns_factory: NetnsFactory, help
     time.sleep(1.0)
     journal = helper.journal()
     assert "background dump " not in journal[journal.index("Save: "):], journal
+
+
+def _rss_mib(pid: int) -> float:
+    with open("/proc/%d/statm" % pid) as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / (1 << 20)
+
+
+def test_what_save_allocated_is_given_back_while_the_helper_lingers(netns_factory: NetnsFactory,
+                                                                    helper_factory: HelperFactory) -> None:
+    # Save maps memory ahead and the heap keeps what is freed (pvevmstate.heap):
+    # once the answer is out, the helper trims, and waits for its exit
+    # with about the memory it waited for Save with.
+    ns = netns_factory()
+    ns.load(realistic_lines(20_000, seed=31, min_timeout=900), mark=VMID)
+    helper = helper_factory(ns, VMID, "--cache-interval", "0.2", "--linger", "60")
+    wait_until(lambda: messages.head(messages.CACHE_WARM) in helper.journal(), 60, "a warm cache")
+    time.sleep(0.5)
+    idle = _rss_mib(helper.proc.pid)
+    assert len(client.save(client.vm(VMID))) > 1
+    wait_until(lambda: "work done" in helper.journal(), 10, "the work-done line")
+    time.sleep(0.5)
+    after = _rss_mib(helper.proc.pid)
+    assert after <= idle + 6, (idle, after)
 
 
 def test_overlapped_dump_gets_what_a_plain_one_gets(netns_factory: NetnsFactory) -> None:
