@@ -244,14 +244,14 @@ class Daemon:
 
     def work_done(self, member: str) -> None:
         """Follow the migration and start the linger period after an answered Save or Load."""
-        # The answer is out: what the work allocated goes back to the system
-        # while the helper lingers (the heap does not trim when a block is
-        # freed, pvevmstate.heap), in a worker thread: the loop answers on.
-        asyncio.get_running_loop().run_in_executor(None, heap.trim)
         if self._stop is not None and self._stop.is_set():
             # Answered during the teardown, which removes the object and exits
             # anyway: no follow, and no "exiting in 30 s" line that is not true.
             return
+        # The answer is out: what the work allocated goes back to the system
+        # while the helper lingers (the heap does not trim when a block is
+        # freed, pvevmstate.heap), in a worker thread: the loop answers on.
+        asyncio.get_running_loop().run_in_executor(None, heap.trim)
         if self._follow is None and self._registered:
             follow = self._follow_outgoing if member == "Save" else self._follow_incoming
             self._follow = asyncio.create_task(follow())
