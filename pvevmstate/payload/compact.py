@@ -272,39 +272,20 @@ def _compressed(columns: Sequence[bytes]) -> list[bytes]:
     if sum(map(len, columns)) < PARALLEL_FROM:
         return _segments(columns)
     out: list[bytes | None] = [None] * len(columns)
-    own = threading.local()
-
-    def one(i: int) -> None:
-        if not hasattr(own, "z"):
-            own.z = _column_compressor()
-        out[i] = _segments(columns[i:i + 1], own.z)[0]
-
-    _on_two_threads(one, len(columns))
-    done = [seg for seg in out if seg is not None]
-    assert len(done) == len(columns)  # _on_two_threads does every column
-    return done
-
-
-def _on_two_threads(work: Callable[[int], None], n: int) -> None:
-    """``work(i)`` for every i below ``n``, on this thread and a second one
-    (zlib lets go of the GIL while it works): each takes the next i as it is
-    free. Whatever the second thread did not finish is done here after it."""
-    # next() on a shared counter is one step under the GIL: no i twice.
+    # next() on a shared counter is one step under the GIL: no column twice.
     todo = itertools.count()
-    done: set[int] = set()
 
-    def worker() -> None:
-        while (i := next(todo)) < n:
-            work(i)
-            done.add(i)
+    def work() -> None:
+        z = _column_compressor()
+        while (i := next(todo)) < len(columns):
+            out[i] = _segments(columns[i:i + 1], z)[0]
 
-    helper = threading.Thread(target=worker, name="compress")
+    helper = threading.Thread(target=work, name="compress")
     helper.start()
-    worker()
+    work()
     helper.join()
-    for i in range(n):  # an i the helper took but did not finish (it failed)
-        if i not in done:
-            work(i)
+    # A column the helper took but did not finish (it failed) is compressed here.
+    return [seg if seg is not None else _segments(columns[i:i + 1])[0] for i, seg in enumerate(out)]
 
 
 class ColumnStream:
