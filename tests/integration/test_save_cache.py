@@ -256,7 +256,7 @@ def test_overlapped_dump_gets_what_a_plain_one_gets(netns_factory: NetnsFactory)
     # the same, in the same order, and the socket usable afterwards.
     ns = netns_factory()
     ns.load(realistic_lines(20_000, seed=21, min_timeout=900), mark=VMID)
-    ns.load(realistic_lines(2_000, seed=22), mark=200)
+    ns.load(realistic_lines(2_000, seed=22, min_timeout=900), mark=200)
     with conntrack_table(ns) as table:
         plain = record(table)
         rec = table.dump_into(VMID, Recorder, overlap=True)
