@@ -134,7 +134,7 @@ class VMState:
             # time: it maps the memory the assembly will need meanwhile.
             prefault = heap.Prefault(heap.prefault_size(len(pieces)))
             try:
-                scan = backend.dump_into(self.vmid, lambda: Scan(pieces, layouts, after_feed=prefault.step),
+                scan = backend.dump_into(self.vmid, lambda: Scan(pieces, layouts, after_feed=prefault.step, ahead=True),
                                          overlap=True)
             finally:
                 prefault.release()

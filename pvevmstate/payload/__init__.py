@@ -138,9 +138,6 @@ class _Section:
 
     sent: int
     data: bytes
-    #: The items' records, in item order, as columns (compact.columns_of;
-    #: None for more than compact.MAX_RECORDS items).
-    columns: list[bytes] | None
     #: Positions most important first, when not all items fit (None: item order).
     order: list[int] | None = None
     #: Each item's priority class, when not all items fit.
@@ -166,7 +163,7 @@ def _compact_section(items: Sendable, limit: int) -> _Section:
         columns = items.columns()
         data = compact.encode_columns(columns, items.ready_segments())
         if len(data) <= limit:
-            return _Section(count, data, columns)
+            return _Section(count, data)
         per_record = (len(data) - compact.HEADER.size) / count
         keys = compact.priority_keys_of(columns)
         order = priority.order_of_keys(keys)
@@ -181,7 +178,7 @@ def _compact_section(items: Sendable, limit: int) -> _Section:
         per_record = 16.0  # a typical table's bytes per entry; only the first guess
     n, data = compact.largest_prefix(ordered, limit, per_record)
     # Not all fit: the save lines follow this order, no keys are needed again.
-    return _Section(n, data, None, order, classes)
+    return _Section(n, data, order, classes)
 
 
 def _encode_hybrid(items: Sendable, mark: int, limit: int) -> Payload:
@@ -202,8 +199,7 @@ def _encode_hybrid(items: Sendable, mark: int, limit: int) -> Payload:
     most = room // MIN_TEXT_LINE + 1  # more lines than this never fit
     order = compacted.order
     if order is None:  # all went into the section: order as many as may fit
-        assert compacted.columns is not None
-        keys = compact.priority_keys_of(compacted.columns)
+        keys = items.priority_keys()
         candidates = priority.first_of_keys(keys, most)
     else:
         candidates = order[:most]

@@ -422,6 +422,15 @@ def priority_keys_of(columns: Sequence[bytes]) -> list[int]:
     return priority.column_keys(columns[1], columns[_STATUS_OFFSET], columns[_STATE_OFFSET], bytes(timeouts))
 
 
+def priority_keys_at(raw: bytes, timeouts: bytes, start: int) -> list[int]:
+    """:func:`priority_keys` of records whose timeouts are given apart
+    (``timeouts``: 4 bytes little-endian each; the records' own are not
+    read), the first of them at position ``start``: keys made a run of
+    records at a time."""
+    size = RECORD.size
+    return priority.column_keys(raw[1::size], raw[_STATUS_OFFSET::size], raw[_STATE_OFFSET::size], timeouts, start)
+
+
 def summaries(raw: bytes | bytearray) -> Iterator[tuple[int, int, int, int]]:
     """``(protocol, timeout, status, state)`` of every record of ``raw``, 0 where absent."""
     return _SUMMARY.iter_unpack(raw)

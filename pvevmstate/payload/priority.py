@@ -118,7 +118,7 @@ _IS_ESTABLISHED = _byte_table(lambda b: b == TCP_STATE_ESTABLISHED)
 _COMPLEMENT = bytes(255 - b for b in range(256))
 
 
-def column_keys(protos: bytes, status_low: bytes, states: bytes, timeouts: bytes) -> list[int]:
+def column_keys(protos: bytes, status_low: bytes, states: bytes, timeouts: bytes, start: int = 0) -> list[int]:
     """The sort keys :func:`order` makes, of items given column by column.
 
     The same ints as ``_keys`` gives for ``(protocol, timeout, status, state)``
@@ -131,12 +131,13 @@ def column_keys(protos: bytes, status_low: bytes, states: bytes, timeouts: bytes
     :param status_low: the low byte of each item's status bits
     :param states: each item's protocol state, one byte each
     :param timeouts: each item's timeout, 4 bytes little-endian each
+    :param start: the first item's position (items given a run at a time)
     """
     n = len(protos)
     if not n:
         return []
-    if n > POSITION_LIMIT:
-        raise ValueError("%d items exceed %d" % (n, POSITION_LIMIT))
+    if start + n > POSITION_LIMIT:
+        raise ValueError("%d items exceed %d" % (start + n, POSITION_LIMIT))
     as_int = int.from_bytes
     tcp, udp = as_int(protos.translate(_IS_TCP), "big"), as_int(protos.translate(_IS_UDP), "big")
     assured = as_int(status_low.translate(_IS_ASSURED), "big")
@@ -155,7 +156,7 @@ def column_keys(protos: bytes, status_low: bytes, states: bytes, timeouts: bytes
     inverted = timeouts.translate(_COMPLEMENT)
     for i in range(4):
         buf[1 + i::8] = inverted[3 - i::4]
-    positions = array("I", range(n))
+    positions = array("I", range(start, start + n))
     if sys.byteorder == "little":
         positions.byteswap()
     raw_positions = positions.tobytes()

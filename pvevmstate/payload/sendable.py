@@ -36,6 +36,11 @@ class Sendable(Protocol):
         is not), or None (:func:`compact.encode_columns`)."""
         ...
 
+    def priority_keys(self) -> list[int]:
+        """Every item's priority key (:func:`compact.priority_keys`), in no
+        particular order: a key carries its item's position."""
+        ...
+
     def lines(self, positions: Sequence[int], mark: int) -> savetext.Lines:
         """The save lines (:func:`savetext.render_line`, with `` --mark MARK``)
         of the items at ``positions`` whose line conntrack(8) loads
@@ -53,10 +58,11 @@ class Sendable(Protocol):
 class EntryList:
     """:class:`Sendable` items from entries at hand."""
 
-    __slots__ = ("_entries",)
+    __slots__ = ("_columns", "_entries")
 
     def __init__(self, entries: Sequence[Entry]) -> None:
         self._entries = entries
+        self._columns: list[bytes] | None = None
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -65,10 +71,15 @@ class EntryList:
         return b"".join(compact.records(self._entries))
 
     def columns(self) -> list[bytes]:
-        return compact.columns_of(self.raw())
+        if self._columns is None:  # (the section and the priority keys both read them)
+            self._columns = compact.columns_of(self.raw())
+        return self._columns
 
     def ready_segments(self) -> None:
         return None
+
+    def priority_keys(self) -> list[int]:
+        return compact.priority_keys_of(self.columns())
 
     def lines(self, positions: Sequence[int], mark: int) -> savetext.Lines:
         have = self._entries

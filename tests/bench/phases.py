@@ -87,7 +87,8 @@ def phases(n: int) -> dict[str, float]:
         state = VMState(VMID, table)
 
         def scan_only() -> savecache.Scan:
-            found = table.dump_into(VMID, lambda: savecache.Scan(pieces, table.layouts), overlap=True)
+            found = table.dump_into(VMID, lambda: savecache.Scan(pieces, table.layouts, ahead=True),
+                                        overlap=True)
             assert found is not None
             return found
         out["cached scan (dump overlapped)"], scanned = timed(scan_only)

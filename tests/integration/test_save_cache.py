@@ -56,8 +56,8 @@ def record(table: Conntrack) -> list[tuple[bytes, int, int]]:
 
 
 def scan(datagrams: list[tuple[bytes, int, int]], pieces: savecache.Pieces, collect: bool = False,
-         layouts: netlink.LayoutCache | None = None) -> savecache.Scan:
-    s = savecache.Scan(pieces, layouts or netlink.LayoutCache(), collect)
+         layouts: netlink.LayoutCache | None = None, ahead: bool = False) -> savecache.Scan:
+    s = savecache.Scan(pieces, layouts or netlink.LayoutCache(), collect, ahead=ahead)
     for buf, size, seq in datagrams:
         s.feed(buf, size, seq)
     return s
@@ -132,15 +132,18 @@ def test_cache_never_changes_the_payload(netns_factory: NetnsFactory, fmt: paylo
 
         after = record(table)
 
-    cached = scan(after, pieces, layouts=layouts)
+    # Save's scan makes the priority keys as the datagrams come (ahead); a
+    # scan without makes them at the end.
+    cached = scan(after, pieces, layouts=layouts, ahead=True)
     assert cached.ready_segments() is None  # changed: every column compressed afresh
-    uncached = scan(after, savecache.EMPTY)
+    uncached = scan(after, savecache.EMPTY, ahead=True)
     reference = [e for buf, size, seq in after for e in _decoded(buf, size, seq)]
     want = payload.encode(reference, VMID, limit, fmt)
     got_cached = payload.encode_sendable(cached, VMID, limit, fmt)
     got_uncached = payload.encode_sendable(uncached, VMID, limit, fmt)
     assert got_uncached.data == want.data
     assert got_cached.data == want.data
+    assert payload.encode_sendable(scan(after, pieces, layouts=layouts), VMID, limit, fmt).data == want.data
     assert (got_cached.sent, got_cached.left_out, got_cached.text_sent) == (want.sent, want.left_out, want.text_sent)
     # Every changed or new entry was encoded afresh; every other one came from
     # the cache, the aged ones too.
@@ -166,7 +169,7 @@ def test_an_unchanged_table_is_sent_with_its_cached_compression(netns_factory: N
         for e in [e for e in table.dump(VMID) if e.proto == PROTO_UDP and e.family == socket.AF_INET][:50]:
             ns.conntrack("-U", *tuple_args(e), "-t", "4321")
         after = record(table)
-    cached = scan(after, pieces, layouts=layouts)
+    cached = scan(after, pieces, layouts=layouts, ahead=True)
     assert cached.ready_segments() is pieces.segments
     reference = [e for buf, size, seq in after for e in _decoded(buf, size, seq)]
     assert payload.encode_sendable(cached, VMID, payload.MAX_PAYLOAD, fmt).data == payload.encode(

@@ -14,7 +14,7 @@ import struct
 
 import pytest
 
-from pvevmstate import netlink, savecache
+from pvevmstate import netlink, payload, savecache
 from pvevmstate.errors import ConntrackError
 from pvevmstate.model import PROTO_TCP, Entry
 from pvevmstate.payload import savetext
@@ -119,3 +119,33 @@ def test_save_lines_leave_out_what_conntrack_cannot_load(cached: bool) -> None:
     positions = list(range(len(save)))[::-1]
     assert save.lines(positions, 100) == EntryList(decoded).lines(positions, 100)
     assert save.lines(positions, 100).count == len(after) - 1
+
+
+@pytest.mark.parametrize("ahead", [True, False])
+@pytest.mark.parametrize("change", ["none", "gone", "swapped"])
+def test_entries_out_of_their_slots_are_sent_as_found(change: str, ahead: bool) -> None:
+    # Save takes the cache's compressed columns and its save line rests by
+    # position only while every entry is in the slot of its own place. An
+    # entry gone or two swapped within a datagram move the others out of
+    # place without a miss: the payload must still be what the dump holds.
+    entries = [savetext.parse_line(ln, 100) for ln in realistic_lines(300, seed=17, min_timeout=900)]
+    layouts = netlink.LayoutCache()
+    background = savecache.Scan(savecache.EMPTY, layouts, collect=True)
+    buf = _datagram(entries)
+    background.feed(buf, len(buf), 1)
+    pieces = background.pieces()
+    after = list(entries)
+    if change == "gone":
+        del after[250]
+    elif change == "swapped":
+        after[220], after[221] = after[221], after[220]
+    save = savecache.Scan(pieces, layouts, ahead=ahead)
+    decoded = []
+    for at in range(0, len(after), 100):  # three datagrams, the last one changed
+        buf = _datagram(after[at:at + 100])
+        save.feed(buf, len(buf), 1)
+        decoded += [netlink.decode_entry(buf, off + 20, off + mlen, buf[off + 16]) for off, mlen in _messages(buf)]
+    assert save.hits == len(after)
+    assert (save.ready_segments() is pieces.segments) == (change == "none")
+    for limit in (payload.MAX_PAYLOAD, 20_000):
+        assert payload.encode_sendable(save, 100, limit).data == payload.encode(decoded, 100, limit).data
