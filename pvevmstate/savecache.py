@@ -205,7 +205,7 @@ class Pieces:
     #: The records' columns compressed but for the timeout's
     #: (:func:`compact.stable_segments`): a Save that finds the very same
     #: entries in the same order compresses only their fresh timeouts.
-    segments: Sequence[bytes | None] | None = None
+    segments: compact.Precompressed | None = None
 
     def __len__(self) -> int:
         return len(self.records)
@@ -497,7 +497,7 @@ class Scan:
                 self._columns = self._stream.finish(self._timeout_bytes())
         return self._columns
 
-    def ready_segments(self) -> Sequence[bytes | None] | None:
+    def ready_segments(self) -> compact.Precompressed | None:
         # The cache's, when the items are its entries exactly: each one in
         # the slot of its place (nothing new, changed, gone or moved).
         table = self._pieces.records

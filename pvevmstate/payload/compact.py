@@ -166,10 +166,36 @@ def _column_compressor() -> Any:
     return zlib.compressobj(LEVEL, zlib.DEFLATED, -zlib.MAX_WBITS, 8, STRATEGY)
 
 
-def _assemble(columns: Sequence[bytes], n: int, segments: Sequence[bytes]) -> bytes:
+_ADLER_BASE = 65521
+
+
+def adler32_combine(adler1: int, adler2: int, len2: int) -> int:
+    """The Adler-32 of two byte strings end to end, from the checksum of each
+    and the second's length (zlib's ``adler32_combine``, which Python's zlib
+    module does not offer): a column compressed ahead need not be read again."""
+    rem = len2 % _ADLER_BASE
+    sum1 = adler1 & 0xFFFF
+    sum2 = rem * sum1 % _ADLER_BASE
+    sum1 = (sum1 + (adler2 & 0xFFFF) + _ADLER_BASE - 1) % _ADLER_BASE
+    sum2 = (sum2 + (adler1 >> 16) + (adler2 >> 16) + _ADLER_BASE - rem) % _ADLER_BASE
+    return sum1 | sum2 << 16
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Precompressed:
+    """Columns compressed ahead (:func:`stable_segments`): each one's deflate
+    segment and Adler-32, None for the columns still to compress."""
+
+    segments: Sequence[bytes | None]
+    checksums: Sequence[int | None]
+
+
+def _assemble(columns: Sequence[bytes], n: int, segments: Sequence[bytes],
+              checksums: Sequence[int | None] | None = None) -> bytes:
     adler = 1
-    for col in columns:
-        adler = zlib.adler32(memoryview(col)[:n], adler)
+    for i, col in enumerate(columns):
+        known = checksums[i] if checksums is not None else None
+        adler = zlib.adler32(memoryview(col)[:n], adler) if known is None else adler32_combine(adler, known, n)
     return b"".join((HEADER.pack(MAGIC, VERSION, COMPRESSION_ZLIB, RECORD.size, n), _ZLIB_HEADER, *segments,
                      _FINAL_BLOCK, adler.to_bytes(4, "big")))
 
@@ -201,12 +227,11 @@ def encode_raw(raw: bytes | bytearray) -> bytes:
     return encode_columns(columns_of(raw))
 
 
-def encode_columns(columns: Sequence[bytes], ready: Sequence[bytes | None] | None = None) -> bytes:
+def encode_columns(columns: Sequence[bytes], ready: Precompressed | None = None) -> bytes:
     """:func:`encode_raw` of records given as their columns (:func:`columns_of`).
 
-    :param ready: the segments of columns compressed already
-        (:func:`stable_segments` of the same records), None where a column
-        is still to be compressed
+    :param ready: the columns compressed already (:func:`stable_segments`
+        of the same records)
     :raises CodecError: when there are too many records
     """
     n = len(columns[0])
@@ -214,29 +239,33 @@ def encode_columns(columns: Sequence[bytes], ready: Sequence[bytes | None] | Non
         raise CodecError("%d entries exceed the compact format's %d" % (n, MAX_RECORDS))
     if ready is None:
         return _assemble(columns, n, _compressed(columns))
-    todo = [i for i, seg in enumerate(ready) if seg is None]
+    todo = [i for i, seg in enumerate(ready.segments) if seg is None]
     made = dict(zip(todo, _compressed([columns[i] for i in todo]), strict=True))
-    return _assemble(columns, n, [made[i] if seg is None else seg for i, seg in enumerate(ready)])
+    return _assemble(columns, n, [made[i] if seg is None else seg for i, seg in enumerate(ready.segments)],
+                     ready.checksums)
 
 
 #: The columns a record's timeout fills: the ones that change from one dump to the next.
 TIMEOUT_COLUMNS = range(TIMEOUT_OFFSET, TIMEOUT_OFFSET + 4)
 
 
-def stable_segments(raw: bytes, stop: Callable[[], bool] | None = None) -> list[bytes | None] | None:
-    """The segment of every column of ``raw`` (records laid end to end) but
-    the timeout's (None there), or None when ``stop()`` turned true meanwhile.
+def stable_segments(raw: bytes, stop: Callable[[], bool] | None = None) -> Precompressed | None:
+    """Every column of ``raw`` (records laid end to end) compressed but the
+    timeout's, or None when ``stop()`` turned true meanwhile.
 
     What Save's cache keeps: a Save of the very same records (in the same
-    order, timeouts aside) then compresses only their timeouts.
+    order, timeouts aside) then compresses and checksums only their timeouts.
     """
     z = _column_compressor()
-    out: list[bytes | None] = []
+    segments: list[bytes | None] = []
+    checksums: list[int | None] = []
     for i, col in enumerate(columns_of(raw)):
         if stop is not None and stop():
             return None
-        out.append(None if i in TIMEOUT_COLUMNS else _segments((col,), z)[0])
-    return out
+        stable = i not in TIMEOUT_COLUMNS
+        segments.append(_segments((col,), z)[0] if stable else None)
+        checksums.append(zlib.adler32(col) if stable else None)
+    return Precompressed(segments, checksums)
 
 
 #: Column bytes from which a second thread compresses half the columns.

@@ -31,9 +31,9 @@ class Sendable(Protocol):
         """:meth:`raw` as columns (:func:`compact.columns_of`)."""
         ...
 
-    def ready_segments(self) -> Sequence[bytes | None] | None:
-        """Segments of :meth:`columns` compressed already (None where a column
-        is not), or None (:func:`compact.encode_columns`)."""
+    def ready_segments(self) -> compact.Precompressed | None:
+        """The columns of :meth:`columns` compressed already, or None
+        (:func:`compact.encode_columns`)."""
         ...
 
     def priority_keys(self) -> list[int]:

@@ -182,6 +182,18 @@ def test_largest_prefix_is_exact_for_any_limit(limit: int) -> None:
     assert n == len(entries) or len(compact.encode(entries[:n + 1])) > limit
 
 
+def test_adler32_combine_is_the_checksum_of_both_end_to_end() -> None:
+    # Save's cache keeps each column's checksum; the payload's must be the
+    # one of all columns read end to end, at any lengths (also past the
+    # modulus, 65,521) and contents (runs of 0xFF push both sums to their top).
+    rng = random.Random(3)
+    for len1, len2 in [(0, 0), (0, 5), (5, 0), (1, 1), (5000, 5000), (65520, 2), (3, 65521), (70000, 131100)]:
+        for fill in ("random", "ff", "zero"):
+            a, b = ((rng.randbytes(n) if fill == "random" else (b"\xff" if fill == "ff" else b"\0") * n)
+                    for n in (len1, len2))
+            assert compact.adler32_combine(zlib.adler32(a), zlib.adler32(b), len(b)) == zlib.adler32(a + b)
+
+
 def test_one_compressor_makes_each_column_as_its_own_would() -> None:
     # _segments and the two compress threads reuse a compressor across
     # columns: a full flush must leave it as a new one, for columns of the
