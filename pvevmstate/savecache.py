@@ -305,7 +305,7 @@ class Scan:
         #: the columns at the end.
         self._stream = None if collect else compact.ColumnStream()
         self._streamed = 0
-        self._columns: list[bytes] | None = None
+        self._columns: Sequence[bytes] | None = None
         #: Made as the datagrams come (``ahead``): every item's priority key,
         #: a datagram's sorted apiece.
         self._keys_made: list[int] | None = [] if ahead else None
@@ -488,7 +488,7 @@ class Scan:
             timeouts.byteswap()
         return timeouts.tobytes()
 
-    def columns(self) -> list[bytes]:
+    def columns(self) -> Sequence[bytes]:
         if self._columns is None:
             if self._stream is None:
                 self._columns = compact.columns_of(self.raw())

@@ -27,7 +27,7 @@ class Sendable(Protocol):
         """Every item's compact record (:data:`compact.RECORD`), laid end to end, in item order."""
         ...
 
-    def columns(self) -> list[bytes]:
+    def columns(self) -> Sequence[bytes]:
         """:meth:`raw` as columns (:func:`compact.columns_of`)."""
         ...
 
@@ -70,7 +70,7 @@ class EntryList:
     def raw(self) -> bytes:
         return b"".join(compact.records(self._entries))
 
-    def columns(self) -> list[bytes]:
+    def columns(self) -> Sequence[bytes]:
         if self._columns is None:  # (the section and the priority keys both read them)
             self._columns = compact.columns_of(self.raw())
         return self._columns
