@@ -182,6 +182,21 @@ def test_largest_prefix_is_exact_for_any_limit(limit: int) -> None:
     assert n == len(entries) or len(compact.encode(entries[:n + 1])) > limit
 
 
+def test_column_stream_gives_the_columns_of_all_records() -> None:
+    # Save shuffles its records a batch at a time while the kernel dumps; the
+    # columns it ends with (joined when read, timeouts given apart) must be
+    # those of all records at once, however they are read.
+    raw = b"".join(compact.records(parsed(realistic_lines(2500, seed=6))))
+    size = compact.RECORD.size
+    stream = compact.ColumnStream()
+    for at in range(0, 2500, 1024):
+        stream.add(raw[at * size:(at + 1024) * size])
+    want = compact.columns_of(raw)
+    timeouts = b"".join(want[compact.TIMEOUT_OFFSET + i][k:k + 1] for k in range(2500) for i in range(4))
+    got = stream.finish(timeouts)
+    assert len(got) == size and got[7] == want[7] and got[3:9] == want[3:9] and list(got) == want
+
+
 def test_adler32_combine_is_the_checksum_of_both_end_to_end() -> None:
     # Save's cache keeps each column's checksum; the payload's must be the
     # one of all columns read end to end, at any lengths (also past the
