@@ -90,6 +90,12 @@ BUS_CALL_TIMEOUT_USEC = 5_000_000
 FOLLOW_TIMEOUT = 120.0
 #: How long teardown waits for a Save or Load still running (QEMU's own call timeout).
 DRAIN_TIMEOUT = 25.0
+#: Seconds from an answered Save or Load to what comes after it (the heap's
+#: trim, following the migration over QMP). A Save's 1 MiB answer takes ~5 to
+#: 10 ms through dbus-daemon, inside the VM's downtime; each of the two made
+#: it ~1 ms slower when they ran meanwhile (the trim's madvise, the QMP
+#: connection), and the slowest answers slower still.
+AFTER_ANSWER = 0.5
 
 #: How long to wait for a cancelled task before cancelling it again.
 CANCEL_RETRY = 0.1
@@ -199,6 +205,7 @@ class Daemon:
         self._reason = ""
         self._exit = EXIT_OK
         self._linger: asyncio.TimerHandle | None = None
+        self._after_answer: asyncio.TimerHandle | None = None
         self._follow: asyncio.Task[None] | None = None
         self._warmer_of: Warmer | None = None
         self._warming: asyncio.Task[None] | None = None
@@ -248,18 +255,26 @@ class Daemon:
             # Answered during the teardown, which removes the object and exits
             # anyway: no follow, and no "exiting in 30 s" line that is not true.
             return
-        # The answer is out: what the work allocated goes back to the system
-        # while the helper lingers (the heap does not trim when a block is
-        # freed, pvevmstate.heap), in a worker thread: the loop answers on.
+        loop = asyncio.get_running_loop()
+        if self._after_answer is None:
+            self._after_answer = loop.call_later(AFTER_ANSWER, self._answer_gone, member)
+        if self._linger is not None:
+            return
+        log.info("work done, exiting in %.1f s (or on Quit)", self.settings.linger)
+        self._linger = loop.call_later(self.settings.linger, self.stop, "work done")
+
+    def _answer_gone(self, member: str) -> None:
+        """What follows an answered Save or Load, once its answer has gone out (:data:`AFTER_ANSWER`)."""
+        self._after_answer = None
+        if self._stop is not None and self._stop.is_set():
+            return
+        # What the work allocated goes back to the system while the helper
+        # lingers (the heap does not trim when a block is freed,
+        # pvevmstate.heap), in a worker thread: the loop answers on.
         asyncio.get_running_loop().run_in_executor(None, heap.trim)
         if self._follow is None and self._registered:
             follow = self._follow_outgoing if member == "Save" else self._follow_incoming
             self._follow = asyncio.create_task(follow())
-        if self._linger is not None:
-            return
-        log.info("work done, exiting in %.1f s (or on Quit)", self.settings.linger)
-        loop = asyncio.get_running_loop()
-        self._linger = loop.call_later(self.settings.linger, self.stop, "work done")
 
     async def quit(self) -> None:
         """Quit was called; the reply goes out before the loop sees the stop."""
@@ -378,8 +393,9 @@ class Daemon:
             await _cancelled(self._warming)
 
     def _cancel_linger(self) -> None:
-        if self._linger is not None:
-            self._linger.cancel()
+        for handle in (self._linger, self._after_answer):
+            if handle is not None:
+                handle.cancel()
 
     async def _stop_following(self) -> None:
         # Awaited, not just cancelled: the follower may hold a session on the
