@@ -13,6 +13,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -163,23 +164,57 @@ class VMState:
             # Payload order unless the table cannot take everything: then the
             # entries that matter most go first, as Save orders them.
             order: Sequence[int] = range(n) if room >= n else incoming.by_priority()
-            done = 0
-            while done < n:
-                if done:
-                    room = ceiling - self._backend.stats().count
-                if room <= 0:
-                    break
-                chunk = order[done:done + min(LOAD_CHUNK, room)]
-                done += len(chunk)
-                batch = incoming.batch(chunk)
-                if batch:
-                    result.add(self._backend.create(batch))
+            done = self._create(incoming, order, ceiling, room, result)
             if done < n:
                 classes = incoming.classes()
                 left_out.update(payload.CLASSES[classes[i]] for i in order[done:])
         refusals = incoming.refusals
         return LoadReport(len(data), incoming.lines, refusals.refused, refusals.samples, result,
                           (time.perf_counter() - t0) * 1000, left_out, before, ceiling, incoming.format)
+
+    def _create(self, incoming: payload.Incoming, order: Sequence[int], ceiling: int, room: int,
+                result: CreateResult) -> int:
+        """Create the items in ``order`` a chunk at a time while the table has
+        room (``room`` now, at most ``ceiling`` entries); how many were taken.
+
+        The kernel creates a chunk inside the ``sendmsg`` that carries it,
+        with the GIL let go, so a second thread sends each chunk while this
+        one builds the next, sized by the room the chunk in flight leaves:
+        Load costs about the longer of the two instead of their sum. The
+        table's fill is read between two chunks, never while one is in
+        flight (one socket); a chunk built ahead that no longer fits is
+        built again, smaller, and its refusals are counted only once.
+        """
+        n = len(order)
+        done = 0
+        pending: Future[CreateResult] | None = None
+        flying = 0  # items of the chunk in flight
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="load-create") as sender:
+            while True:
+                ahead: tuple[Sequence[int], CreateBatch, payload.Decoded] | None = None
+                if pending is None:
+                    if done:
+                        room = ceiling - self._backend.stats().count
+                    size = min(LOAD_CHUNK, room, n - done)
+                    if size <= 0:
+                        return done
+                    chunk = order[done:done + size]
+                    batch = incoming.batch(chunk)
+                else:
+                    size = min(LOAD_CHUNK, room - flying, n - done)
+                    if size > 0:  # built while the kernel creates the chunk in flight
+                        refusals = payload.Decoded()
+                        ahead = (order[done:done + size], incoming.batch(order[done:done + size], refusals), refusals)
+                    result.add(pending.result())
+                    pending, flying = None, 0
+                    room = ceiling - self._backend.stats().count
+                    if ahead is None or len(ahead[0]) > room:
+                        continue  # build what fits now
+                    chunk, batch, refusals = ahead
+                    incoming.refusals.merge(refusals)
+                done += len(chunk)
+                if batch:
+                    pending, flying = sender.submit(self._backend.create, batch), len(chunk)
 
     async def save(self) -> SaveReport:
         """Dump this VM's entries and encode them within the limit.

@@ -278,15 +278,17 @@ class Incoming:
         """Positions of the items, most important first (the order Save uses)."""
         return priority.order(self._summaries())
 
-    def batch(self, positions: Iterable[int]) -> CreateBatch:
+    def batch(self, positions: Iterable[int], refusals: Decoded | None = None) -> CreateBatch:
         """The create requests of the items at ``positions``, with the mark Load
-        was given; refused records are counted and left out.
+        was given; refused records are counted (in ``refusals``, by default
+        :attr:`refusals`) and left out.
 
         Compact records become requests without an Entry where their shape
         allows (:mod:`.creates`); save lines were parsed into entries already.
         """
         if self._records is not None:
-            return creates.batch(self._records, positions, self._mark, self.refusals)
+            return creates.batch(self._records, positions, self._mark,
+                                 self.refusals if refusals is None else refusals)
         have = self._entries or []
         return netlink.create_batch((have[i] for i in positions), self._mark)
 

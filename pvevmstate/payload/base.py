@@ -55,3 +55,8 @@ class Decoded:
         self.refused += 1
         if len(self.samples) < MAX_REFUSAL_SAMPLES:
             self.samples.append(Refusal(line_no, reason))
+
+    def merge(self, other: Decoded) -> None:
+        """Count ``other``'s refusals too, as if they had come after these."""
+        self.refused += other.refused
+        self.samples += other.samples[:max(0, MAX_REFUSAL_SAMPLES - len(self.samples))]

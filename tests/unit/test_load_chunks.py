@@ -1,0 +1,86 @@
+"""Load's chunks: each built while the one before is created, never past the table's room.
+
+The kernel is stood in for by a table that takes its time to create a chunk
+and may see other flows arrive meanwhile: what is checked here is Load's own
+bookkeeping (sizes, the fill read between chunks only, refusals counted once).
+The real kernel's side is in tests/integration/test_table_limits.py.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from pvevmstate import payload
+from pvevmstate.model import CreateBatch, CreateResult, Entry, TableStats
+from pvevmstate.vmstate import DEFAULT_TABLE_RESERVE, LOAD_CHUNK, VMState, load_ceiling
+from tests.corpus import raw_record, records
+
+VMID = 100
+MAXIMUM = 262_144
+
+
+class Table:
+    """A table whose creates take a while and let ``arrivals`` other flows in."""
+
+    def __init__(self, count: int, arrivals: list[int]) -> None:
+        self.count = count
+        self.arrivals = arrivals
+        self.sizes: list[int] = []
+        self.peak = count
+        self._creating = threading.Event()
+
+    def create(self, batch: CreateBatch) -> CreateResult:
+        assert not self._creating.is_set()
+        self._creating.set()
+        time.sleep(0.1)  # the kernel's time: Load builds the next chunk meanwhile
+        self.sizes.append(len(batch))
+        self.count += len(batch)
+        self.peak = max(self.peak, self.count)
+        self.count += self.arrivals.pop(0) if self.arrivals else 0
+        self._creating.clear()
+        return CreateResult(created=len(batch))
+
+    def stats(self) -> TableStats:
+        assert not self._creating.is_set(), "the fill read while a chunk is in flight"
+        return TableStats(self.count, MAXIMUM)
+
+    def dump(self, mark: int) -> list[Entry]:
+        return []
+
+    def close(self) -> None:
+        pass
+
+
+def _payload(n: int) -> tuple[bytes, set[int]]:
+    """``n`` records, every 500th one refused (an unknown family): the data and their positions."""
+    bad = set(range(7, n, 500))
+    good = raw_record()
+    return records(*(raw_record(family=7) if i in bad else good for i in range(n))), bad
+
+
+def test_every_chunk_is_built_while_the_one_before_is_created() -> None:
+    data, bad = _payload(12_000)
+    table = Table(0, [])
+    report = VMState(VMID, table)._load(data)
+    assert table.sizes == [LOAD_CHUNK - 9, LOAD_CHUNK - 8, 12_000 - 2 * LOAD_CHUNK - 7]
+    assert report.result.created == 12_000 - len(bad)
+    assert report.refused == len(bad) and not report.left_out
+    assert [s.line_no for s in report.samples] == sorted(i + 1 for i in bad)[:len(report.samples)]
+
+
+def test_a_chunk_built_ahead_that_no_longer_fits_is_built_again() -> None:
+    # Room for 6,000: the first chunk takes 4,096, the next is built for the
+    # ~1,904 left; 1,000 other flows arrive meanwhile, so it is built again
+    # for ~904. Nothing goes past the ceiling, and the records refused in the
+    # chunk built twice count once.
+    data, bad = _payload(12_000)
+    ceiling = load_ceiling(MAXIMUM, DEFAULT_TABLE_RESERVE)
+    table = Table(ceiling - 6000, [1000])
+    report = VMState(VMID, table)._load(data)
+    assert table.peak <= ceiling and table.count == ceiling  # (a refused record takes no room)
+    assert len(table.sizes) >= 2 and table.sizes[1] < 1000  # built again for what was left
+    order = payload.Incoming(data, VMID).by_priority()
+    taken = sum(table.sizes) + report.refused
+    assert report.refused == sum(1 for i in order[:taken] if i in bad) > 0
+    assert sum(report.left_out.values()) == 12_000 - taken
