@@ -5,7 +5,8 @@ throw-away namespace it times the kernel's part of the dump (raw receive, no
 decoding), decoding into entries, encoding the payload, decoding the payload
 into entries (what ``decode`` does) and their create requests (a text
 payload's Load), decoding it straight into create requests (a compact or
-hybrid payload's Load), and creating them: numbering them and the kernel's part.
+hybrid payload's Load), and creating them: numbering them and the kernel's part;
+then Load end to end, where the two overlap.
 
     python3 -m tests.bench.phases [N ...]
 """
@@ -113,6 +114,16 @@ def phases(n: int) -> dict[str, float]:
         out["create (headers + kernel)"] = statistics.median(create() for _ in range(3))
         out["numbering the requests"], _ = timed(lambda: netlink.create_requests(batch.bodies, 1))
         out["kernel create (rest)"] = out["create (headers + kernel)"] - out["numbering the requests"]
+
+        def load() -> float:
+            # Load end to end: payload read, each chunk's requests built while
+            # a second thread has the kernel create the chunk before.
+            subprocess.run(["conntrack", "-D", "--mark", str(VMID)], check=False, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, preexec_fn=lambda: netns.setns(ns))
+            t0 = time.perf_counter()
+            state._load(encoded.data)
+            return (time.perf_counter() - t0) * 1e3
+        out["Load, end to end"] = statistics.median(load() for _ in range(3))
         table.close()
         return out
     finally:
