@@ -385,6 +385,11 @@ class Scan:
         kernel takes to make a datagram, and the dump took ~6 ms longer at
         5,000 entries: the receiving thread waited for the GIL.
         """
+        if self._count > compact.MAX_RECORDS:
+            # More than a compact section holds: the save lines follow the
+            # section's own order, so keys made here would go unused.
+            self._keys_made = None
+            return
         assert self._keys_made is not None
         timeouts = self._timeouts[start:self._count]
         if _BIG_ENDIAN:

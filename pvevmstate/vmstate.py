@@ -134,9 +134,11 @@ class VMState:
             # The dump's reading thread waits for the kernel most of the
             # time: it maps the memory the assembly will need meanwhile.
             prefault = heap.Prefault(heap.prefault_size(len(pieces)))
+            # Priority keys made during the dump serve the hybrid payload's save lines only.
+            keys = self._format == payload.Choice.AUTO
             try:
-                scan = backend.dump_into(self.vmid, lambda: Scan(pieces, layouts, after_feed=prefault.step, ahead=True),
-                                         overlap=True)
+                scan = backend.dump_into(
+                    self.vmid, lambda: Scan(pieces, layouts, after_feed=prefault.step, ahead=keys), overlap=True)
             finally:
                 prefault.release()
             assert scan is not None  # never stopped
@@ -189,32 +191,36 @@ class VMState:
         done = 0
         pending: Future[CreateResult] | None = None
         flying = 0  # items of the chunk in flight
+        fresh = True  # room was read since the last chunk went out
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="load-create") as sender:
-            while True:
+            while pending is not None or done < n:
                 ahead: tuple[Sequence[int], CreateBatch, payload.Decoded] | None = None
-                if pending is None:
-                    if done:
-                        room = ceiling - self._backend.stats().count
-                    size = min(LOAD_CHUNK, room, n - done)
-                    if size <= 0:
-                        return done
-                    chunk = order[done:done + size]
-                    batch = incoming.batch(chunk)
-                else:
+                if pending is not None:
                     size = min(LOAD_CHUNK, room - flying, n - done)
                     if size > 0:  # built while the kernel creates the chunk in flight
                         refusals = payload.Decoded()
                         ahead = (order[done:done + size], incoming.batch(order[done:done + size], refusals), refusals)
                     result.add(pending.result())
                     pending, flying = None, 0
-                    room = ceiling - self._backend.stats().count
-                    if ahead is None or len(ahead[0]) > room:
-                        continue  # build what fits now
+                    if done == n:
+                        break
+                    room, fresh = ceiling - self._backend.stats().count, True
+                if ahead is not None and len(ahead[0]) <= room:
                     chunk, batch, refusals = ahead
                     incoming.refusals.merge(refusals)
+                else:  # nothing built ahead, or too much for the room left: build what fits now
+                    if not fresh:
+                        room = ceiling - self._backend.stats().count
+                    size = min(LOAD_CHUNK, room, n - done)
+                    if size <= 0:
+                        break
+                    chunk = order[done:done + size]
+                    batch = incoming.batch(chunk)
+                fresh = False
                 done += len(chunk)
                 if batch:
                     pending, flying = sender.submit(self._backend.create, batch), len(chunk)
+        return done
 
     async def save(self) -> SaveReport:
         """Dump this VM's entries and encode them within the limit.

@@ -372,6 +372,10 @@ class _JoinedColumns(Sequence[bytes]):
     def __getitem__(self, i: int | slice) -> bytes | Sequence[bytes]:
         if isinstance(i, slice):
             return [self[k] for k in range(len(self))[i]]
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError("column index out of range")
         column = self._columns.get(i)
         if column is None:
             column = self._columns[i] = b"".join(self._pieces[i])

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import Any
+
+import pytest
 
 from pvevmstate import payload
 from pvevmstate.model import CreateBatch, CreateResult, Entry, TableStats
@@ -28,21 +31,27 @@ class Table:
         self.arrivals = arrivals
         self.sizes: list[int] = []
         self.peak = count
-        self._creating = threading.Event()
+        self.reads = 0
+        self.creating = threading.Event()
+        #: When each create ran.
+        self.spans: list[tuple[float, float]] = []
 
     def create(self, batch: CreateBatch) -> CreateResult:
-        assert not self._creating.is_set()
-        self._creating.set()
+        assert not self.creating.is_set()
+        self.creating.set()
+        t0 = time.monotonic()
         time.sleep(0.1)  # the kernel's time: Load builds the next chunk meanwhile
         self.sizes.append(len(batch))
         self.count += len(batch)
         self.peak = max(self.peak, self.count)
         self.count += self.arrivals.pop(0) if self.arrivals else 0
-        self._creating.clear()
+        self.spans.append((t0, time.monotonic()))
+        self.creating.clear()
         return CreateResult(created=len(batch))
 
     def stats(self) -> TableStats:
-        assert not self._creating.is_set(), "the fill read while a chunk is in flight"
+        assert not self.creating.is_set(), "the fill read while a chunk is in flight"
+        self.reads += 1
         return TableStats(self.count, MAXIMUM)
 
     def dump(self, mark: int) -> list[Entry]:
@@ -59,10 +68,25 @@ def _payload(n: int) -> tuple[bytes, set[int]]:
     return records(*(raw_record(family=7) if i in bad else good for i in range(n))), bad
 
 
-def test_every_chunk_is_built_while_the_one_before_is_created() -> None:
+def test_every_chunk_is_built_while_the_one_before_is_created(monkeypatch: pytest.MonkeyPatch) -> None:
     data, bad = _payload(12_000)
     table = Table(0, [])
+    builds: list[tuple[float, float]] = []
+    batch = payload.Incoming.batch
+
+    def timed(self: payload.Incoming, *args: Any) -> CreateBatch:
+        t0 = time.monotonic()
+        try:
+            return batch(self, *args)
+        finally:
+            builds.append((t0, time.monotonic()))
+
+    monkeypatch.setattr(payload.Incoming, "batch", timed)
     report = VMState(VMID, table)._load(data)
+    # Each chunk after the first was built while the chunk before was created.
+    assert len(builds) == len(table.spans) == 3
+    assert all(built[1] > span[0] and built[0] < span[1] for built, span in zip(builds[1:], table.spans, strict=False))
+    assert table.reads == 1 + 2  # before Load, then between two chunks (none after the last)
     assert table.sizes == [LOAD_CHUNK - 9, LOAD_CHUNK - 8, 12_000 - 2 * LOAD_CHUNK - 7]
     assert report.result.created == 12_000 - len(bad)
     assert report.refused == len(bad) and not report.left_out

@@ -195,6 +195,9 @@ def test_column_stream_gives_the_columns_of_all_records() -> None:
     timeouts = b"".join(want[compact.TIMEOUT_OFFSET + i][k:k + 1] for k in range(2500) for i in range(4))
     got = stream.finish(timeouts)
     assert len(got) == size and got[7] == want[7] and got[3:9] == want[3:9] and list(got) == want
+    assert got[-1] == want[-1] and got[compact.TIMEOUT_OFFSET - size] == want[compact.TIMEOUT_OFFSET]
+    with pytest.raises(IndexError):
+        got[size]
 
 
 def test_adler32_combine_is_the_checksum_of_both_end_to_end() -> None:

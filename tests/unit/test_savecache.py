@@ -17,7 +17,7 @@ import pytest
 from pvevmstate import netlink, payload, savecache
 from pvevmstate.errors import ConntrackError
 from pvevmstate.model import PROTO_TCP, Entry
-from pvevmstate.payload import savetext
+from pvevmstate.payload import compact, savetext
 from pvevmstate.payload.sendable import EntryList
 from tests.corpus import _as_dump_message, _golden, _messages
 from tests.support import realistic_lines
@@ -149,3 +149,22 @@ def test_entries_out_of_their_slots_are_sent_as_found(change: str, ahead: bool) 
     assert (save.ready_segments() is pieces.segments) == (change == "none")
     for limit in (payload.MAX_PAYLOAD, 20_000):
         assert payload.encode_sendable(save, 100, limit).data == payload.encode(decoded, 100, limit).data
+
+
+def test_no_priority_keys_are_made_past_what_a_compact_section_holds(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Past MAX_RECORDS the save lines follow the section's own order: Save's
+    # scan stops making keys during the dump, and the payload is the same.
+    monkeypatch.setattr(compact, "MAX_RECORDS", 150)
+    entries = [savetext.parse_line(ln, 100) for ln in realistic_lines(300, seed=19, min_timeout=900)]
+    layouts = netlink.LayoutCache()
+    background = savecache.Scan(savecache.EMPTY, layouts, collect=True)
+    buf = _datagram(entries)
+    background.feed(buf, len(buf), 1)
+    save = savecache.Scan(background.pieces(), layouts, ahead=True)
+    decoded = []
+    for at in range(0, 300, 100):
+        buf = _datagram(entries[at:at + 100])
+        save.feed(buf, len(buf), 1)
+        decoded += [netlink.decode_entry(buf, off + 20, off + mlen, buf[off + 16]) for off, mlen in _messages(buf)]
+    assert save._keys_made is None
+    assert payload.encode_sendable(save, 100).data == payload.encode(decoded, 100).data
