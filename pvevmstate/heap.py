@@ -15,8 +15,9 @@ So, with glibc's allocator:
   reuses, whichever thread asks.
 * :func:`trim`, after each background dump: what the dump freed goes back
   to the system at once, so the helper waits for Save with its cache and
-  little more (the idle memory the README states); and once Save or Load
-  is answered, so that it lingers with as little.
+  little more (the idle memory the README states); and half a second after
+  Save or Load was answered (``daemon.AFTER_ANSWER``), so that it lingers
+  with as little.
 * :class:`Prefault`, during Save's dump: the thread that reads the dump
   touches the memory the assembly will use, a slice after each datagram,
   while it would otherwise wait for the kernel's next one. Freed before the

@@ -199,7 +199,8 @@ class VMState:
                     size = min(LOAD_CHUNK, room - flying, n - done)
                     if size > 0:  # built while the kernel creates the chunk in flight
                         refusals = payload.Decoded()
-                        ahead = (order[done:done + size], incoming.batch(order[done:done + size], refusals), refusals)
+                        chunk = order[done:done + size]
+                        ahead = (chunk, incoming.batch(chunk, refusals), refusals)
                     result.add(pending.result())
                     pending, flying = None, 0
                     if done == n:
