@@ -8,6 +8,7 @@ The real kernel's side is in tests/integration/test_table_limits.py.
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from typing import Any
@@ -16,7 +17,15 @@ import pytest
 
 from pvevmstate import payload
 from pvevmstate.model import CreateBatch, CreateResult, Entry, TableStats
-from pvevmstate.vmstate import DEFAULT_TABLE_RESERVE, LOAD_CHUNK, VMState, load_ceiling
+from pvevmstate.vmstate import (
+    DEFAULT_TABLE_RESERVE,
+    LOAD_CHUNK,
+    LOAD_FIRST_CHUNK,
+    LOAD_SWITCH_INTERVAL,
+    VMState,
+    load_ceiling,
+    next_chunk,
+)
 from tests.corpus import raw_record, records
 
 VMID = 100
@@ -35,10 +44,13 @@ class Table:
         self.creating = threading.Event()
         #: When each create ran.
         self.spans: list[tuple[float, float]] = []
+        #: The GIL's switch interval during each create.
+        self.switch: list[float] = []
 
     def create(self, batch: CreateBatch) -> CreateResult:
         assert not self.creating.is_set()
         self.creating.set()
+        self.switch.append(sys.getswitchinterval())
         t0 = time.monotonic()
         time.sleep(0.1)  # the kernel's time: Load builds the next chunk meanwhile
         self.sizes.append(len(batch))
@@ -68,6 +80,21 @@ def _payload(n: int) -> tuple[bytes, set[int]]:
     return records(*(raw_record(family=7) if i in bad else good for i in range(n))), bad
 
 
+def _sizes(n: int) -> list[tuple[int, int]]:
+    """Load's chunks of ``n`` items with room for all: (start, stop) of each."""
+    spans, start, size = [], 0, LOAD_FIRST_CHUNK
+    while start < n:
+        spans.append((start, min(start + size, n)))
+        start, size = start + size, next_chunk(size)
+    return spans
+
+
+def test_chunks_start_small_and_double_up_to_the_most() -> None:
+    assert LOAD_FIRST_CHUNK < LOAD_CHUNK
+    assert [s - a for a, s in _sizes(20_000)] == [256, 512, 1024, 2048, 4096, 4096, 4096, 3872]
+    assert next_chunk(LOAD_CHUNK) == LOAD_CHUNK
+
+
 def test_every_chunk_is_built_while_the_one_before_is_created(monkeypatch: pytest.MonkeyPatch) -> None:
     data, bad = _payload(12_000)
     table = Table(0, [])
@@ -82,28 +109,34 @@ def test_every_chunk_is_built_while_the_one_before_is_created(monkeypatch: pytes
             builds.append((t0, time.monotonic()))
 
     monkeypatch.setattr(payload.Incoming, "batch", timed)
+    switch = sys.getswitchinterval()
     report = VMState(VMID, table)._load(data)
     # Each chunk after the first was built while the chunk before was created.
-    assert len(builds) == len(table.spans) == 3
+    chunks = _sizes(12_000)
+    assert len(builds) == len(table.spans) == len(chunks) == 6
     assert all(built[1] > span[0] and built[0] < span[1] for built, span in zip(builds[1:], table.spans, strict=False))
-    assert table.reads == 1 + 2  # before Load, then between two chunks (none after the last)
-    assert table.sizes == [LOAD_CHUNK - 9, LOAD_CHUNK - 8, 12_000 - 2 * LOAD_CHUNK - 7]
+    assert table.reads == 1 + 5  # before Load, then between two chunks (none after the last)
+    assert table.sizes == [stop - start - sum(start <= i < stop for i in bad) for start, stop in chunks]
+    # The GIL changed hands often while the chunks were created, and as before once Load was done.
+    assert table.switch == [pytest.approx(LOAD_SWITCH_INTERVAL)] * 6
+    assert sys.getswitchinterval() == switch
     assert report.result.created == 12_000 - len(bad)
     assert report.refused == len(bad) and not report.left_out
     assert [s.line_no for s in report.samples] == sorted(i + 1 for i in bad)[:len(report.samples)]
 
 
 def test_a_chunk_built_ahead_that_no_longer_fits_is_built_again() -> None:
-    # Room for 6,000: the first chunk takes 4,096, the next is built for the
-    # ~1,904 left; 1,000 other flows arrive meanwhile, so it is built again
-    # for ~904. Nothing goes past the ceiling, and the records refused in the
-    # chunk built twice count once.
+    # Room for 1,000: the first chunk takes 256, the next is built for 512
+    # of the 744 left; 600 other flows arrive meanwhile, so it is built again
+    # for the ~144 left. Nothing goes past the ceiling, and the records
+    # refused in the chunk built twice count once.
     data, bad = _payload(12_000)
     ceiling = load_ceiling(MAXIMUM, DEFAULT_TABLE_RESERVE)
-    table = Table(ceiling - 6000, [1000])
+    table = Table(ceiling - 1000, [600])
     report = VMState(VMID, table)._load(data)
     assert table.peak <= ceiling and table.count == ceiling  # (a refused record takes no room)
-    assert len(table.sizes) >= 2 and table.sizes[1] < 1000  # built again for what was left
+    assert len(table.sizes) >= 2 and table.sizes[0] <= LOAD_FIRST_CHUNK
+    assert table.sizes[1] <= 1000 - 600 - table.sizes[0]  # built again for what was left
     order = payload.Incoming(data, VMID).by_priority()
     taken = sum(table.sizes) + report.refused
     assert report.refused == sum(1 for i in order[:taken] if i in bad) > 0
