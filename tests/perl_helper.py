@@ -22,7 +22,17 @@ from typing import Protocol
 import pytest
 
 from tests import client
-from tests.support import REPO, HelperProcess, Netns, PrivateBus, Qemu, QemuFactory, require, wait_until
+from tests.support import (
+    REPO,
+    HelperProcess,
+    Netns,
+    PrivateBus,
+    Qemu,
+    QemuFactory,
+    require,
+    spawn_logged,
+    wait_until,
+)
 
 PERL_HELPER = REPO / "tests" / "data" / "perl-helper.pl"
 QEMU_SERVER_STOP = REPO / "tests" / "data" / "qemu-server-stop.pl"
@@ -106,11 +116,8 @@ def perl_helper_factory(tmp_path: Path, system_bus: PrivateBus,
         # default, a Load whose input conntrack(8) stops reading early (a
         # binary payload over the pipe's 64 KiB) kills the Perl helper in the
         # middle of the call, and the destination QEMU exits on the NoReply.
-        with log.open("wb") as out:
-            proc = subprocess.Popen(
-                ["ip", "netns", "exec", ns.name, "perl", str(PERL_HELPER), str(vmid), str(qemu.qmp_path)],
-                env=dict(os.environ, DBUS_SYSTEM_BUS_ADDRESS=bus.address), restore_signals=False,
-                stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+        proc = spawn_logged(["ip", "netns", "exec", ns.name, "perl", str(PERL_HELPER), str(vmid), str(qemu.qmp_path)],
+                            log, dict(os.environ, DBUS_SYSTEM_BUS_ADDRESS=bus.address), restore_signals=False)
         helper = PerlHelper(vmid, proc, log, bus, qemu)
         started.append(helper)
         assert sigpipe_ignored(proc.pid), "the Perl helper must run with SIGPIPE ignored, as under systemd"

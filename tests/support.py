@@ -14,7 +14,6 @@ import os
 import random
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -63,6 +62,26 @@ def wait_until(predicate: object, timeout: float, what: str, interval: float = 0
         time.sleep(interval)
 
 
+# ------------------------------------------------------------------ processes
+
+
+def spawn_logged(cmd: list[str], log: Path, env: dict[str, str], **popen: Any) -> subprocess.Popen[bytes]:
+    """Start ``cmd`` with its stdout and stderr in ``log`` (its journal) and no stdin."""
+    with log.open("wb") as out:
+        return subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out, **popen)
+
+
+def stop_process(proc: subprocess.Popen[bytes], grace: float) -> None:
+    """SIGTERM, and SIGKILL after ``grace`` seconds: by its PID, never by name."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 # ------------------------------------------------------------------ bus
 
 
@@ -99,13 +118,7 @@ class PrivateBus:
     proc: subprocess.Popen[bytes]
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, 5)
         if self.proc.stdout is not None:
             self.proc.stdout.close()
 
@@ -397,13 +410,7 @@ class HelperProcess:
 
     def stop(self) -> None:
         """SIGTERM, and SIGKILL after 10 s: by its PID, never by name."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, 10)
 
 
 @dataclass
@@ -440,9 +447,7 @@ def helper_factory(tmp_path: Path, system_bus: PrivateBus, qemu_factory: QemuFac
         env = dict(os.environ, PYTHONPATH=str(REPO),
                    DBUS_SYSTEM_BUS_ADDRESS=(bus or system_bus).address)
         log = tmp_path / ("helper-%d-%d.log" % (vmid, next(_counter)))
-        with log.open("wb") as out:
-            proc = subprocess.Popen(helper_command(ns, str(vmid), "--qmp-socket", str(qemu.qmp_path), *args),
-                                    env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+        proc = spawn_logged(helper_command(ns, str(vmid), "--qmp-socket", str(qemu.qmp_path), *args), log, env)
         helper = Helper(vmid, proc, log, env, qemu)
         started.append(helper)
         if ready:

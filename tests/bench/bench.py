@@ -52,7 +52,17 @@ from pvevmstate.dbus.api import VMSTATE_PATH, VMState1Interface, helper_bus_name
 from pvevmstate.netlink import NLMSG_DONE, NLMSG_ERROR, dump_request
 from pvevmstate.netlink.conntrack import open_netlink_socket
 from tests import client
-from tests.support import REPO, PrivateBus, Qemu, helper_command, realistic_lines, start_bus, start_qemu
+from tests.support import (
+    REPO,
+    PrivateBus,
+    Qemu,
+    helper_command,
+    realistic_lines,
+    spawn_logged,
+    start_bus,
+    start_qemu,
+    stop_process,
+)
 
 VMID = 100
 #: Seconds over which the background dumps' share of a core is measured.
@@ -126,13 +136,11 @@ class Helper:
         env = dict(os.environ, PYTHONPATH=str(REPO), DBUS_SYSTEM_BUS_ADDRESS=bus.address)
         self.log = log
         self.t_exec = time.perf_counter()
-        with log.open("wb") as out:
-            self.proc = subprocess.Popen(
-                helper_command(None, str(VMID), "--qmp-socket", str(qemu.qmp_path), "--linger", "3600"),
-                env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-                # Enter the namespace in the child, so no `ip netns exec` is timed;
-                # the benchmark starts no threads.
-                preexec_fn=lambda: netns.setns(ns))  # noqa: PLW1509
+        self.proc = spawn_logged(
+            helper_command(None, str(VMID), "--qmp-socket", str(qemu.qmp_path), "--linger", "3600"), log, env,
+            # Enter the namespace in the child, so no `ip netns exec` is timed;
+            # the benchmark starts no threads.
+            preexec_fn=lambda: netns.setns(ns))
 
     def rss_kib(self) -> int:
         for line in Path("/proc/%d/status" % self.proc.pid).read_text().splitlines():
@@ -146,13 +154,7 @@ class Helper:
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, 30)
 
 
 async def wait_for(predicate: Callable[[], Any], timeout: float = 30, interval: float = 0.001) -> float:
