@@ -47,10 +47,12 @@ def load_ceiling(maximum: int, reserve: float) -> int:
 #: Most entries created between two looks at how full the table is.
 LOAD_CHUNK = 4096
 #: Load's first chunk. Until it is built the kernel has nothing to create, so
-#: it is small; each chunk after it is twice the one before, up to
-#: :data:`LOAD_CHUNK` (:func:`next_chunk`). Building a request takes about as
-#: long as the kernel takes to create one (~3 and ~4 µs here), so the chunk
-#: built meanwhile is ready about when the one in flight is done.
+#: it is small; each chunk after it is half again the one before, up to
+#: :data:`LOAD_CHUNK` (:func:`next_chunk`). Building a request takes about two
+#: thirds of what the kernel takes to create one (~3 and ~4.5 µs here), so the
+#: chunk built meanwhile is ready about when the one in flight is done.
+#: Measured through fresh helpers at 5,000 entries, interleaved: 47.9 ms
+#: (median of 12) growing by half, 52.8 ms doubling; the same at 50,000.
 LOAD_FIRST_CHUNK = 256
 #: The GIL's switch interval (seconds) while Load's two threads overlap. A
 #: thread that comes back from the kernel, or is handed a chunk, waits for the
@@ -63,7 +65,7 @@ LOAD_SWITCH_INTERVAL = 0.0002
 
 def next_chunk(size: int) -> int:
     """The size of Load's chunk after one of ``size``."""
-    return min(2 * size, LOAD_CHUNK)
+    return min(size * 3 // 2, LOAD_CHUNK)
 
 
 class ConntrackBackend(Protocol):

@@ -89,9 +89,9 @@ def _sizes(n: int) -> list[tuple[int, int]]:
     return spans
 
 
-def test_chunks_start_small_and_double_up_to_the_most() -> None:
+def test_chunks_start_small_and_grow_by_half_up_to_the_most() -> None:
     assert LOAD_FIRST_CHUNK < LOAD_CHUNK
-    assert [s - a for a, s in _sizes(20_000)] == [256, 512, 1024, 2048, 4096, 4096, 4096, 3872]
+    assert [s - a for a, s in _sizes(20_000)] == [256, 384, 576, 864, 1296, 1944, 2916, 4096, 4096, 3572]
     assert next_chunk(LOAD_CHUNK) == LOAD_CHUNK
 
 
@@ -113,12 +113,12 @@ def test_every_chunk_is_built_while_the_one_before_is_created(monkeypatch: pytes
     report = VMState(VMID, table)._load(data)
     # Each chunk after the first was built while the chunk before was created.
     chunks = _sizes(12_000)
-    assert len(builds) == len(table.spans) == len(chunks) == 6
+    assert len(builds) == len(table.spans) == len(chunks) == 8
     assert all(built[1] > span[0] and built[0] < span[1] for built, span in zip(builds[1:], table.spans, strict=False))
-    assert table.reads == 1 + 5  # before Load, then between two chunks (none after the last)
+    assert table.reads == 1 + 7  # before Load, then between two chunks (none after the last)
     assert table.sizes == [stop - start - sum(start <= i < stop for i in bad) for start, stop in chunks]
     # The GIL changed hands often while the chunks were created, and as before once Load was done.
-    assert table.switch == [pytest.approx(LOAD_SWITCH_INTERVAL)] * 6
+    assert table.switch == [pytest.approx(LOAD_SWITCH_INTERVAL)] * 8
     assert sys.getswitchinterval() == switch
     assert report.result.created == 12_000 - len(bad)
     assert report.refused == len(bad) and not report.left_out
@@ -126,7 +126,7 @@ def test_every_chunk_is_built_while_the_one_before_is_created(monkeypatch: pytes
 
 
 def test_a_chunk_built_ahead_that_no_longer_fits_is_built_again() -> None:
-    # Room for 1,000: the first chunk takes 256, the next is built for 512
+    # Room for 1,000: the first chunk takes 256, the next is built for 384
     # of the 744 left; 600 other flows arrive meanwhile, so it is built again
     # for the ~144 left. Nothing goes past the ceiling, and the records
     # refused in the chunk built twice count once.
