@@ -8,12 +8,14 @@ the host while a Save or Load is under way.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import sys
+import threading
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -51,21 +53,53 @@ LOAD_CHUNK = 4096
 #: :data:`LOAD_CHUNK` (:func:`next_chunk`). Building a request takes about two
 #: thirds of what the kernel takes to create one (~3 and ~4.5 µs here), so the
 #: chunk built meanwhile is ready about when the one in flight is done.
-#: Measured through fresh helpers at 5,000 entries, interleaved: 47.9 ms
-#: (median of 12) growing by half, 52.8 ms doubling; the same at 50,000.
+#: Measured once through fresh helpers at 5,000 entries, interleaved: 47.9 ms
+#: (median of 12) growing by half, 52.8 ms doubling; no difference at 50,000.
 LOAD_FIRST_CHUNK = 256
 #: The GIL's switch interval (seconds) while Load's two threads overlap. A
 #: thread that comes back from the kernel, or is handed a chunk, waits for the
 #: GIL until the thread holding it lets go, by default up to 5 ms, and the
-#: kernel creates nothing meanwhile: measured at 5,000 entries, the sender
-#: began each chunk only once the next one was built. At 0.2 ms it begins
-#: within a fraction of a millisecond.
+#: kernel creates nothing meanwhile: on a timeline of both threads at 5,000
+#: entries, the sender began each chunk only once the next one was built. At
+#: 0.2 ms it began within a fraction of a millisecond.
 LOAD_SWITCH_INTERVAL = 0.0002
 
 
 def next_chunk(size: int) -> int:
     """The size of Load's chunk after one of ``size``."""
-    return min(size * 3 // 2, LOAD_CHUNK)
+    return min(max(size + 1, size * 3 // 2), LOAD_CHUNK)
+
+
+class _Switches:
+    """Who asked for :func:`frequent_switches`, and the interval before the first."""
+
+    lock = threading.Lock()
+    users = 0
+    before = 0.0
+
+
+@contextlib.contextmanager
+def frequent_switches() -> Iterator[None]:
+    """The GIL's switch interval at most :data:`LOAD_SWITCH_INTERVAL` within;
+    as before once the last of the threads that asked for it is done.
+
+    The interval is the process's: counted, so that two Loads that overlap
+    (two :class:`VMState` in one process) leave it as they found it.
+    """
+    with _Switches.lock:
+        if not _Switches.users:
+            _Switches.before = sys.getswitchinterval()
+            sys.setswitchinterval(min(_Switches.before, LOAD_SWITCH_INTERVAL))
+        _Switches.users += 1
+    try:
+        yield
+    finally:
+        with _Switches.lock:
+            _Switches.users -= 1
+            if not _Switches.users:
+                # Whole microseconds, as CPython keeps it: set back unrounded,
+                # 0.0002 would read 0.000199 afterwards.
+                sys.setswitchinterval((round(_Switches.before * 1e6) + 0.5) / 1e6)
 
 
 class ConntrackBackend(Protocol):
@@ -212,12 +246,8 @@ class VMState:
         flight (one socket); a chunk built ahead that no longer fits is
         built again, smaller, and its refusals are counted only once.
         """
-        switch = sys.getswitchinterval()
-        sys.setswitchinterval(min(switch, LOAD_SWITCH_INTERVAL))
-        try:
+        with frequent_switches():
             return self._create_chunks(incoming, order, ceiling, room, result)
-        finally:
-            sys.setswitchinterval(switch)
 
     def _create_chunks(self, incoming: payload.Incoming, order: Sequence[int], ceiling: int, room: int,
                        result: CreateResult) -> int:

@@ -8,14 +8,17 @@ The real kernel's side is in tests/integration/test_table_limits.py.
 
 from __future__ import annotations
 
+import errno
 import sys
 import threading
 import time
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import pytest
 
 from pvevmstate import payload
+from pvevmstate.errors import ConntrackError
 from pvevmstate.model import CreateBatch, CreateResult, Entry, TableStats
 from pvevmstate.vmstate import (
     DEFAULT_TABLE_RESERVE,
@@ -23,6 +26,7 @@ from pvevmstate.vmstate import (
     LOAD_FIRST_CHUNK,
     LOAD_SWITCH_INTERVAL,
     VMState,
+    frequent_switches,
     load_ceiling,
     next_chunk,
 )
@@ -93,9 +97,48 @@ def test_chunks_start_small_and_grow_by_half_up_to_the_most() -> None:
     assert LOAD_FIRST_CHUNK < LOAD_CHUNK
     assert [s - a for a, s in _sizes(20_000)] == [256, 384, 576, 864, 1296, 1944, 2916, 4096, 4096, 3572]
     assert next_chunk(LOAD_CHUNK) == LOAD_CHUNK
+    assert [next_chunk(size) for size in (1, 2, 3)] == [2, 3, 4]  # growing from any size
 
 
-def test_every_chunk_is_built_while_the_one_before_is_created(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def switch() -> Iterator[float]:
+    """The process's switch interval set to Python's default for the test, and set back."""
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(0.005)
+    yield sys.getswitchinterval()
+    sys.setswitchinterval(before)
+
+
+def test_the_switch_interval_is_set_back_when_create_fails(switch: float) -> None:
+    class Failing(Table):
+        def create(self, batch: CreateBatch) -> CreateResult:
+            self.switch.append(sys.getswitchinterval())
+            raise ConntrackError("sending create requests failed", errno.ENOBUFS)
+
+    table = Failing(0, [])
+    with pytest.raises(ConntrackError):
+        VMState(VMID, table)._load(_payload(1000)[0])
+    assert table.switch == [pytest.approx(LOAD_SWITCH_INTERVAL)]
+    assert sys.getswitchinterval() == switch
+
+
+def test_overlapping_loads_set_the_switch_interval_back_once_both_are_done(switch: float) -> None:
+    first, second = frequent_switches(), frequent_switches()
+    first.__enter__()
+    second.__enter__()
+    first.__exit__(None, None, None)
+    assert sys.getswitchinterval() == pytest.approx(LOAD_SWITCH_INTERVAL)  # the second still runs
+    second.__exit__(None, None, None)
+    assert sys.getswitchinterval() == switch
+    for _ in range(3):  # whole microseconds: no drift, Load after Load
+        sys.setswitchinterval(0.0002)
+        before = sys.getswitchinterval()
+        with frequent_switches():
+            pass
+        assert sys.getswitchinterval() == before
+
+
+def test_every_chunk_is_built_while_the_one_before_is_created(monkeypatch: pytest.MonkeyPatch, switch: float) -> None:
     data, bad = _payload(12_000)
     table = Table(0, [])
     builds: list[tuple[float, float]] = []
@@ -109,7 +152,7 @@ def test_every_chunk_is_built_while_the_one_before_is_created(monkeypatch: pytes
             builds.append((t0, time.monotonic()))
 
     monkeypatch.setattr(payload.Incoming, "batch", timed)
-    switch = sys.getswitchinterval()
+    assert switch > LOAD_SWITCH_INTERVAL
     report = VMState(VMID, table)._load(data)
     # Each chunk after the first was built while the chunk before was created.
     chunks = _sizes(12_000)
@@ -125,18 +168,50 @@ def test_every_chunk_is_built_while_the_one_before_is_created(monkeypatch: pytes
     assert [s.line_no for s in report.samples] == sorted(i + 1 for i in bad)[:len(report.samples)]
 
 
-def test_a_chunk_built_ahead_that_no_longer_fits_is_built_again() -> None:
-    # Room for 1,000: the first chunk takes 256, the next is built for 384
-    # of the 744 left; 600 other flows arrive meanwhile, so it is built again
-    # for the ~144 left. Nothing goes past the ceiling, and the records
+def test_a_chunk_built_ahead_is_sized_by_the_room_the_one_in_flight_leaves(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Room for 500: the first chunk takes 256, so the next is built for the 244 left, not for 384.
+    data, _bad = _payload(12_000)
+    ceiling = load_ceiling(MAXIMUM, DEFAULT_TABLE_RESERVE)
+    table = Table(ceiling - 500, [])
+    builds: list[int] = []
+    batch = payload.Incoming.batch
+
+    def counted(self: payload.Incoming, chunk: Sequence[int], *args: Any) -> CreateBatch:
+        builds.append(len(chunk))
+        return batch(self, chunk, *args)
+
+    monkeypatch.setattr(payload.Incoming, "batch", counted)
+    VMState(VMID, table)._load(data)
+    assert builds[:2] == [256, 244] and table.peak <= ceiling
+
+
+@pytest.mark.parametrize(("arrivals", "again"), [(600, True), (362, True), (361, False)])
+def test_a_chunk_built_ahead_that_no_longer_fits_is_built_again(monkeypatch: pytest.MonkeyPatch, arrivals: int,
+                                                                again: bool) -> None:
+    # Room for 1,000: the first chunk takes 256 (one of them refused), the
+    # next is built for 384 of the 744 left; ``arrivals`` other flows arrive
+    # meanwhile. Past 361 the 384 no longer fit, and the chunk is built again
+    # for what is left. Nothing goes past the ceiling, and the records
     # refused in the chunk built twice count once.
     data, bad = _payload(12_000)
     ceiling = load_ceiling(MAXIMUM, DEFAULT_TABLE_RESERVE)
-    table = Table(ceiling - 1000, [600])
+    table = Table(ceiling - 1000, [arrivals])
+    builds: list[int] = []
+    batch = payload.Incoming.batch
+
+    def counted(self: payload.Incoming, chunk: Sequence[int], *args: Any) -> CreateBatch:
+        builds.append(len(chunk))
+        return batch(self, chunk, *args)
+
+    monkeypatch.setattr(payload.Incoming, "batch", counted)
     report = VMState(VMID, table)._load(data)
     assert table.peak <= ceiling and table.count == ceiling  # (a refused record takes no room)
-    assert len(table.sizes) >= 2 and table.sizes[0] <= LOAD_FIRST_CHUNK
-    assert table.sizes[1] <= 1000 - 600 - table.sizes[0]  # built again for what was left
+    assert table.sizes[0] == LOAD_FIRST_CHUNK - 1
+    left = 1000 - arrivals - table.sizes[0]
+    if again:  # the 384 built again for what was left
+        assert builds[:3] == [256, 384, left]
+    else:  # taken as built; the next chunk fills what is left after it
+        assert builds[:3] == [256, 384, left - table.sizes[1]]
     order = payload.Incoming(data, VMID).by_priority()
     taken = sum(table.sizes) + report.refused
     assert report.refused == sum(1 for i in order[:taken] if i in bad) > 0
