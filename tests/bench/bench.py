@@ -256,13 +256,15 @@ async def measure(n: int, repeat: int, work: Path) -> dict[str, Any]:
 
         # Load as a migration's destination runs it: in a helper that has done
         # nothing before (its first Load compiles the create builders of the
-        # payload's record shapes and touches its memory for the first time).
+        # payload's record shapes and touches its memory for the first time),
+        # started with none of the VM's entries in the table. It loads before
+        # its first background dump (warmer.FIRST_DELAY after ready).
         helper.stop()
         fresh_ms = []
         for i in range(repeat):
+            conntrack_in(ns, "-D", "--mark", str(VMID))
             helper, _t, _t = await start_helper(ns, bus, qemu, work / ("helper-%d-load-%d.log" % (n, i)), conn)
             await asyncio.sleep(0.3)
-            conntrack_in(ns, "-D", "--mark", str(VMID))
             proxy = VMState1Interface.new_proxy(helper_bus_name(VMID), VMSTATE_PATH, conn)
             t0 = time.perf_counter()
             await proxy.load(payload)
