@@ -168,26 +168,31 @@ def test_every_chunk_is_built_while_the_one_before_is_created(monkeypatch: pytes
     assert [s.line_no for s in report.samples] == sorted(i + 1 for i in bad)[:len(report.samples)]
 
 
-def test_a_chunk_built_ahead_is_sized_by_the_room_the_one_in_flight_leaves(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def builds(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The size of every chunk Load builds, in order (one built again counts twice)."""
+    sizes: list[int] = []
+    batch = payload.Incoming.batch
+
+    def counted(self: payload.Incoming, chunk: Sequence[int], *args: Any) -> CreateBatch:
+        sizes.append(len(chunk))
+        return batch(self, chunk, *args)
+
+    monkeypatch.setattr(payload.Incoming, "batch", counted)
+    return sizes
+
+
+def test_a_chunk_built_ahead_is_sized_by_the_room_the_one_in_flight_leaves(builds: list[int]) -> None:
     # Room for 500: the first chunk takes 256, so the next is built for the 244 left, not for 384.
     data, _bad = _payload(12_000)
     ceiling = load_ceiling(MAXIMUM, DEFAULT_TABLE_RESERVE)
     table = Table(ceiling - 500, [])
-    builds: list[int] = []
-    batch = payload.Incoming.batch
-
-    def counted(self: payload.Incoming, chunk: Sequence[int], *args: Any) -> CreateBatch:
-        builds.append(len(chunk))
-        return batch(self, chunk, *args)
-
-    monkeypatch.setattr(payload.Incoming, "batch", counted)
     VMState(VMID, table)._load(data)
     assert builds[:2] == [256, 244] and table.peak <= ceiling
 
 
 @pytest.mark.parametrize(("arrivals", "again"), [(600, True), (362, True), (361, False)])
-def test_a_chunk_built_ahead_that_no_longer_fits_is_built_again(monkeypatch: pytest.MonkeyPatch, arrivals: int,
-                                                                again: bool) -> None:
+def test_a_chunk_built_ahead_that_no_longer_fits_is_built_again(builds: list[int], arrivals: int, again: bool) -> None:
     # Room for 1,000: the first chunk takes 256 (one of them refused), the
     # next is built for 384 of the 744 left; ``arrivals`` other flows arrive
     # meanwhile. Past 361 the 384 no longer fit, and the chunk is built again
@@ -196,14 +201,6 @@ def test_a_chunk_built_ahead_that_no_longer_fits_is_built_again(monkeypatch: pyt
     data, bad = _payload(12_000)
     ceiling = load_ceiling(MAXIMUM, DEFAULT_TABLE_RESERVE)
     table = Table(ceiling - 1000, [arrivals])
-    builds: list[int] = []
-    batch = payload.Incoming.batch
-
-    def counted(self: payload.Incoming, chunk: Sequence[int], *args: Any) -> CreateBatch:
-        builds.append(len(chunk))
-        return batch(self, chunk, *args)
-
-    monkeypatch.setattr(payload.Incoming, "batch", counted)
     report = VMState(VMID, table)._load(data)
     assert table.peak <= ceiling and table.count == ceiling  # (a refused record takes no room)
     assert table.sizes[0] == LOAD_FIRST_CHUNK - 1
