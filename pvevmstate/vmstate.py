@@ -247,18 +247,13 @@ class VMState:
         flight (one socket); a chunk built ahead that no longer fits is
         built again, smaller, and its refusals are counted only once.
         """
-        with frequent_switches():
-            return self._create_chunks(incoming, order, ceiling, room, result)
-
-    def _create_chunks(self, incoming: payload.Incoming, order: Sequence[int], ceiling: int, room: int,
-                       result: CreateResult) -> int:
         n = len(order)
         done = 0
         pending: Future[CreateResult] | None = None
         flying = 0  # items of the chunk in flight
         fresh = True  # room was read since the last chunk went out
         step = LOAD_FIRST_CHUNK
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="load-create") as sender:
+        with frequent_switches(), ThreadPoolExecutor(max_workers=1, thread_name_prefix="load-create") as sender:
             while pending is not None or done < n:
                 ahead: tuple[Sequence[int], CreateBatch, payload.Decoded] | None = None
                 if pending is not None:
