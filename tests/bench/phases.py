@@ -105,25 +105,20 @@ def phases(n: int) -> dict[str, float]:
         batch = cast(CreateBatch, batch_any)
         assert len(batch) == n
 
-        def create() -> float:
+        def into_empty(fn: Callable[[], object]) -> float:
+            """ms of ``fn`` run once the VM's entries are deleted."""
             subprocess.run(["conntrack", "-D", "--mark", str(VMID)], check=False, stdout=subprocess.DEVNULL,
                            stderr=subprocess.DEVNULL, preexec_fn=lambda: netns.setns(ns))
             t0 = time.perf_counter()
-            table.create(batch)
+            fn()
             return (time.perf_counter() - t0) * 1e3
-        out["create (headers + kernel)"] = statistics.median(create() for _ in range(3))
+
+        out["create (headers + kernel)"] = statistics.median(into_empty(lambda: table.create(batch)) for _ in range(3))
         out["numbering the requests"], _ = timed(lambda: netlink.create_requests(batch.bodies, 1))
         out["kernel create (rest)"] = out["create (headers + kernel)"] - out["numbering the requests"]
-
-        def load() -> float:
-            # Load end to end: payload read, each chunk's requests built while
-            # a second thread has the kernel create the chunk before.
-            subprocess.run(["conntrack", "-D", "--mark", str(VMID)], check=False, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL, preexec_fn=lambda: netns.setns(ns))
-            t0 = time.perf_counter()
-            state._load(encoded.data)
-            return (time.perf_counter() - t0) * 1e3
-        out["Load, end to end"] = statistics.median(load() for _ in range(3))
+        # Load end to end: payload read, each chunk's requests built while a
+        # second thread has the kernel create the chunk before.
+        out["Load, end to end"] = statistics.median(into_empty(lambda: state._load(encoded.data)) for _ in range(3))
         table.close()
         return out
     finally:
