@@ -152,6 +152,10 @@ class CreateBatch:
     #: them where the host has none) or a reply tuple other than its original
     #: one mirrored (NAT, read back once created). May hold others too.
     entries: dict[int, Entry] = field(default_factory=dict)
+    #: The requests with their headers, once the adapter numbered the batch
+    #: (which it may do ahead of sending it), starting at ``first_seq``.
+    requests: list[bytes] | None = None
+    first_seq: int = 0
 
     def __len__(self) -> int:
         return len(self.bodies)

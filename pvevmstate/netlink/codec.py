@@ -1001,14 +1001,17 @@ def create_request(e: Entry, mark: int, seq: int, ack: bool) -> bytes:
     return _create_header(body, seq, ack) + body
 
 
-def create_requests(bodies: Sequence[bytes], seq: int) -> list[bytes]:
+def create_requests(bodies: Sequence[bytes], seq: int, every: int = 0) -> list[bytes]:
     """The CT_NEW requests of ``bodies`` (:func:`create_body`), numbered ``seq``,
     ``seq + 1``, ...; only the last asks for an ACK (the kernel answers
-    failures anyway, so one reply ends the batch)."""
+    failures anyway, so one reply ends the batch), and with ``every`` also
+    the last of each run of ``every`` (each run then ends with a reply)."""
     pack, flags = _NLMSGHDR.pack, _CREATE_FLAGS
     out = [pack(16 + len(b), IPCTNL_MSG_CT_NEW, flags, s, 0) + b for s, b in enumerate(bodies, seq)]
-    if out:
-        out[-1] = _create_header(bodies[-1], seq + len(out) - 1, True) + bodies[-1]
+    n = len(out)
+    for i in (*range(every - 1, n - 1, every), n - 1) if every > 0 else (n - 1,):
+        if i >= 0:
+            out[i] = _create_header(bodies[i], seq + i, True) + bodies[i]
     return out
 
 

@@ -168,12 +168,15 @@ class _Entries:
 class Conntrack:
     """The conntrack table of the network namespace the socket was opened in.
 
-    Not thread-safe: one operation at a time (VMState serialises them).
+    Not thread-safe: one operation at a time (VMState serialises them),
+    except :meth:`number`.
     """
 
     def __init__(self, sock: socket.socket | None = None, buffer_size: int = 1 << 20) -> None:
         self._sock = sock if sock is not None else open_netlink_socket()
         self._seq = 0
+        # Load numbers its next batch while the one before is in flight.
+        self._seq_lock = threading.Lock()
         # A dump's datagrams are at most 32 KiB (the kernel caps them so);
         # the rest of the default is for the replies a create batch piles up.
         self._buf = bytearray(buffer_size)
@@ -192,8 +195,9 @@ class Conntrack:
         self._sock.close()
 
     def _next_seq(self) -> int:
-        self._seq = (self._seq + 1) & 0x7FFFFFFF or 1
-        return self._seq
+        with self._seq_lock:
+            self._seq = (self._seq + 1) & 0x7FFFFFFF or 1
+            return self._seq
 
     def _recv(self) -> tuple[bytes, int]:
         n = self._sock.recv_into(self._buf, len(self._buf), socket.MSG_TRUNC)
@@ -373,6 +377,7 @@ class Conntrack:
         """
         result = CreateResult()
         unlabeled: list[Entry] = []
+        self.number(batch)
         for start in range(0, len(batch), self.ack_budget):
             self._create_batch(batch, start, min(start + self.ack_budget, len(batch)), result, unlabeled)
         if unlabeled:
@@ -384,17 +389,32 @@ class Conntrack:
             if not result.failed[errno.EOPNOTSUPP]:
                 del result.failed[errno.EOPNOTSUPP]
             again = netlink.create_batch(unlabeled, batch.mark)
+            self.number(again)
             for start in range(0, len(again), self.ack_budget):
                 self._create_batch(again, start, min(start + self.ack_budget, len(again)), result, None)
         return result
 
     def _take_seqs(self, n: int) -> int:
         """The first of ``n`` consecutive sequence numbers (all within 1..0x7FFFFFFF)."""
-        if self._seq + n > 0x7FFFFFFF:
-            self._seq = 0
-        first = self._seq + 1
-        self._seq += n
-        return first
+        with self._seq_lock:
+            if self._seq + n > 0x7FFFFFFF:
+                self._seq = 0
+            first = self._seq + 1
+            self._seq += n
+            return first
+
+    def number(self, batch: CreateBatch) -> None:
+        """Give ``batch`` its requests' headers (:attr:`CreateBatch.requests`), unless it has them.
+
+        :meth:`create` does it itself; Load calls it ahead, for the next
+        batch while the kernel creates the one before, so the thread that
+        sends spends nothing on it (~0.4 µs a request). The only call that
+        may run beside another of this adapter's.
+        """
+        if batch.requests is None:
+            first = self._take_seqs(len(batch))
+            batch.requests = netlink.create_requests(batch.bodies, first, self.ack_budget)
+            batch.first_seq = first
 
     def _verify_nat(self, wanted: dict[int, Entry]) -> int:
         """How many of the created NAT entries ``wanted`` the kernel mapped elsewhere.
@@ -439,9 +459,10 @@ class Conntrack:
         count = stop - start
         if count <= 0:
             return
-        first = self._take_seqs(count)
+        assert batch.requests is not None  # numbered by create()
+        first = batch.first_seq + start
         last_seq = first + count - 1
-        msgs = netlink.create_requests(batch.bodies[start:stop], first)
+        msgs = batch.requests[start:stop]
         try:
             pending: list[bytes] = []
             size = 0

@@ -23,6 +23,9 @@ class EmptyTable:
     def dump(self, mark: int) -> list[Entry]:
         return []
 
+    def number(self, batch: CreateBatch) -> None:
+        pass
+
     def create(self, batch: CreateBatch) -> CreateResult:
         return CreateResult(created=len(batch))
 

@@ -29,6 +29,9 @@ class FakeBackend:
             raise self._dump
         return self._dump
 
+    def number(self, batch: CreateBatch) -> None:
+        pass
+
     def create(self, batch: CreateBatch) -> CreateResult:
         if isinstance(self._create, Exception):
             raise self._create

@@ -226,6 +226,9 @@ class Table:
     def dump(self, mark: int) -> list[Entry]:
         return self.entries
 
+    def number(self, batch: CreateBatch) -> None:
+        pass
+
     def create(self, batch: CreateBatch) -> CreateResult:
         result = CreateResult()
         result.created = len(batch) - 1
