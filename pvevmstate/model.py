@@ -9,6 +9,7 @@ entry inside the VM's migration downtime.
 
 from __future__ import annotations
 
+import itertools
 import socket
 from collections import Counter
 from dataclasses import dataclass, field
@@ -136,29 +137,40 @@ class Entry:
 
 @dataclass(slots=True)
 class CreateBatch:
-    """Entries to create with one mark, as their CT_NEW requests without the netlink header.
+    """Entries to create with one mark, as their CT_NEW requests.
 
-    The header holds what only the adapter that sends a batch knows: the
-    sequence numbers and which request asks for an ACK. Everything else is
-    fixed when the batch is made, from an :class:`Entry` or straight from a
-    compact record, so Load builds no Entry for most records.
+    A batch is made either of bodies (nfgenmsg and attributes, from
+    :class:`Entry` objects), which the adapter that sends it numbers
+    (:meth:`pvevmstate.netlink.conntrack.Conntrack.number`), or numbered
+    already: Load makes the requests of compact records a shape at a time,
+    headers and sequence numbers included (:mod:`pvevmstate.payload.creates`),
+    and no Entry for most of them. Which request asks for an ACK is decided
+    when the batch is sent.
     """
 
     mark: int
-    #: Each request's nfgenmsg and attributes, in the order they are created.
+    #: Each request's nfgenmsg and attributes, in the order they are created (unnumbered batches).
     bodies: list[bytes] = field(default_factory=list)
-    #: By index into ``bodies``: the entry of every request a create may look
-    #: at again, at least of each that carries labels (created again without
+    #: By request index: the entry of every request a create may look at
+    #: again, at least of each that carries labels (created again without
     #: them where the host has none) or a reply tuple other than its original
     #: one mirrored (NAT, read back once created). May hold others too.
     entries: dict[int, Entry] = field(default_factory=dict)
-    #: The requests with their headers, once the adapter numbered the batch
-    #: (which it may do ahead of sending it), starting at ``first_seq``.
-    requests: list[bytes] | None = None
+    #: Once numbered: the requests back to back, netlink headers included,
+    #: with the sequence numbers ``first_seq``, ``first_seq + 1``, ...
+    wire: bytearray | None = None
+    #: Where each request of ``wire`` starts, then where the last one ends.
+    starts: list[int] = field(default_factory=list)
     first_seq: int = 0
 
     def __len__(self) -> int:
-        return len(self.bodies)
+        return len(self.starts) - 1 if self.wire is not None else len(self.bodies)
+
+    def requests(self) -> list[bytes]:
+        """Each numbered request, header included (for reading; the adapter sends ``wire``)."""
+        assert self.wire is not None, "not numbered"
+        wire, starts = self.wire, self.starts
+        return [bytes(wire[a:b]) for a, b in itertools.pairwise(starts)]
 
 
 @dataclass(slots=True)

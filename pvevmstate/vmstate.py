@@ -50,9 +50,10 @@ def load_ceiling(maximum: int, reserve: float) -> int:
 LOAD_CHUNK = 4096
 #: Load's first chunk. Until it is built the kernel has nothing to create, so
 #: it is small; each chunk after it is half again the one before, up to
-#: :data:`LOAD_CHUNK` (:func:`next_chunk`). Building a request takes about two
-#: thirds of what the kernel takes to create one (~3 and ~4.5 µs here), so the
-#: chunk built meanwhile is ready about when the one in flight is done.
+#: :data:`LOAD_CHUNK` (:func:`next_chunk`). Building a request takes about half
+#: of what the kernel takes to create one (~1.5 and ~2.5 to 4.5 µs here), so
+#: the chunk built meanwhile, half again as large, is ready about when the one
+#: in flight is done.
 #: Measured once through fresh helpers at 5,000 entries, interleaved: 47.9 ms
 #: (median of 12) growing by half, 52.8 ms doubling; no difference at 50,000.
 LOAD_FIRST_CHUNK = 256
@@ -108,7 +109,7 @@ class ConntrackBackend(Protocol):
 
     def dump(self, mark: int) -> list[Entry]: ...
 
-    def number(self, batch: CreateBatch) -> None: ...
+    def reserve_seqs(self, n: int) -> int: ...
 
     def create(self, batch: CreateBatch) -> CreateResult: ...
 
@@ -241,10 +242,9 @@ class VMState:
 
         The kernel creates a chunk inside the ``sendmsg`` that carries it,
         with the GIL let go, so a second thread sends each chunk while this
-        one builds the next, sized by the room the chunk in flight leaves,
-        and numbers it (the adapter's headers: at 50,000 entries ~20 ms that
-        the sending thread spent while the kernel waited): Load costs about
-        the longer of the two instead of their sum. The
+        one builds the next, numbered (sequence numbers reserved from the
+        adapter), sized by the room the chunk in flight leaves: Load costs
+        about the longer of the two instead of their sum. The
         chunks start small and grow (:func:`next_chunk`), and the GIL
         changes hands often meanwhile (:data:`LOAD_SWITCH_INTERVAL`). The
         table's fill is read between two chunks, never while one is in
@@ -265,9 +265,7 @@ class VMState:
                     if size > 0:  # built while the kernel creates the chunk in flight
                         refusals = payload.Decoded()
                         chunk = order[done:done + size]
-                        built = incoming.batch(chunk, refusals)
-                        self._backend.number(built)
-                        ahead = (chunk, built, refusals)
+                        ahead = (chunk, incoming.batch(chunk, refusals, self._backend.reserve_seqs), refusals)
                     result.add(pending.result())
                     pending, flying = None, 0
                     if done == n:
@@ -283,7 +281,7 @@ class VMState:
                     if size <= 0:
                         break
                     chunk = order[done:done + size]
-                    batch = incoming.batch(chunk)
+                    batch = incoming.batch(chunk, None, self._backend.reserve_seqs)
                 fresh = False
                 done += len(chunk)
                 step = next_chunk(step)

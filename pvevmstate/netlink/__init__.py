@@ -4,7 +4,9 @@ adapter is :mod:`pvevmstate.netlink.conntrack`.
 """
 
 from .codec import (
+    CREATE_ACK_FLAGS,
     DEFAULT_LAYOUTS,
+    FLAGS_OFFSET,
     MAX_LAYOUTS,
     MAX_LAYOUTS_PER_KEY,
     TCP_FLAG_BE_LIBERAL,
@@ -16,6 +18,7 @@ from .codec import (
     body_layout,
     create_batch,
     create_body,
+    create_header,
     create_request,
     create_request_general,
     create_requests,
@@ -36,7 +39,9 @@ from .schema import *  # noqa: F403  (the kernel's NETLINK_*, NLM_*, IPCTNL_*, C
 from .schema import TABLE, Leaf, Nest
 
 __all__ = [
+    "CREATE_ACK_FLAGS",
     "DEFAULT_LAYOUTS",
+    "FLAGS_OFFSET",
     "MAX_LAYOUTS",
     "MAX_LAYOUTS_PER_KEY",
     "TABLE",
@@ -51,6 +56,7 @@ __all__ = [
     "body_layout",
     "create_batch",
     "create_body",
+    "create_header",
     "create_request",
     "create_request_general",
     "create_requests",

@@ -1001,18 +1001,25 @@ def create_request(e: Entry, mark: int, seq: int, ack: bool) -> bytes:
     return _create_header(body, seq, ack) + body
 
 
-def create_requests(bodies: Sequence[bytes], seq: int, every: int = 0) -> list[bytes]:
+def create_requests(bodies: Sequence[bytes], seq: int) -> list[bytes]:
     """The CT_NEW requests of ``bodies`` (:func:`create_body`), numbered ``seq``,
     ``seq + 1``, ...; only the last asks for an ACK (the kernel answers
-    failures anyway, so one reply ends the batch), and with ``every`` also
-    the last of each run of ``every`` (each run then ends with a reply)."""
+    failures anyway, so one reply ends the batch)."""
     pack, flags = _NLMSGHDR.pack, _CREATE_FLAGS
     out = [pack(16 + len(b), IPCTNL_MSG_CT_NEW, flags, s, 0) + b for s, b in enumerate(bodies, seq)]
-    n = len(out)
-    for i in (*range(every - 1, n - 1, every), n - 1) if every > 0 else (n - 1,):
-        if i >= 0:
-            out[i] = _create_header(bodies[i], seq + i, True) + bodies[i]
+    if out:
+        out[-1] = _create_header(bodies[-1], seq + len(out) - 1, True) + bodies[-1]
     return out
+
+
+def create_header(body_size: int, seq: int) -> bytes:
+    """The netlink header of a create request whose body is ``body_size`` bytes (no ACK asked)."""
+    return _NLMSGHDR.pack(16 + body_size, IPCTNL_MSG_CT_NEW, _CREATE_FLAGS, seq, 0)
+
+
+#: A create request's netlink flags when it asks for an ACK, and where they sit in its header.
+CREATE_ACK_FLAGS = struct.pack("=H", _CREATE_FLAGS | NLM_F_ACK)
+FLAGS_OFFSET = 6
 
 
 def create_batch(entries: Iterable[Entry], mark: int) -> CreateBatch:

@@ -9,10 +9,12 @@ blocks: the daemon runs it in a worker thread.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import dataclasses
 import errno
 import importlib.util
+import itertools
 import logging
 import os
 import queue
@@ -169,7 +171,7 @@ class Conntrack:
     """The conntrack table of the network namespace the socket was opened in.
 
     Not thread-safe: one operation at a time (VMState serialises them),
-    except :meth:`number`.
+    except :meth:`reserve_seqs`.
     """
 
     def __init__(self, sock: socket.socket | None = None, buffer_size: int = 1 << 20) -> None:
@@ -394,8 +396,11 @@ class Conntrack:
                 self._create_batch(again, start, min(start + self.ack_budget, len(again)), result, None)
         return result
 
-    def _take_seqs(self, n: int) -> int:
-        """The first of ``n`` consecutive sequence numbers (all within 1..0x7FFFFFFF)."""
+    def reserve_seqs(self, n: int) -> int:
+        """The first of ``n`` consecutive sequence numbers (all within
+        1..0x7FFFFFFF), for a batch numbered as it is made. The only call
+        that may run beside another of this adapter's: Load makes the next
+        batch while the kernel creates the one before."""
         with self._seq_lock:
             if self._seq + n > 0x7FFFFFFF:
                 self._seq = 0
@@ -404,16 +409,12 @@ class Conntrack:
             return first
 
     def number(self, batch: CreateBatch) -> None:
-        """Give ``batch`` its requests' headers (:attr:`CreateBatch.requests`), unless it has them.
-
-        :meth:`create` does it itself; Load calls it ahead, for the next
-        batch while the kernel creates the one before, so the thread that
-        sends spends nothing on it (~0.4 µs a request). The only call that
-        may run beside another of this adapter's.
-        """
-        if batch.requests is None:
-            first = self._take_seqs(len(batch))
-            batch.requests = netlink.create_requests(batch.bodies, first, self.ack_budget)
+        """Give an unnumbered ``batch`` its requests' headers (:attr:`CreateBatch.wire`)."""
+        if batch.wire is None:
+            first = self.reserve_seqs(len(batch))
+            requests = netlink.create_requests(batch.bodies, first)
+            batch.wire = bytearray(b"".join(requests))
+            batch.starts = list(itertools.accumulate(map(len, requests), initial=0))
             batch.first_seq = first
 
     def _verify_nat(self, wanted: dict[int, Entry]) -> int:
@@ -459,20 +460,22 @@ class Conntrack:
         count = stop - start
         if count <= 0:
             return
-        assert batch.requests is not None  # numbered by create()
+        wire, starts = batch.wire, batch.starts
+        assert wire is not None  # numbered by create()
         first = batch.first_seq + start
         last_seq = first + count - 1
-        msgs = batch.requests[start:stop]
+        # The last request of the run asks for the ACK that tells the run is done.
+        at = starts[stop - 1] + netlink.FLAGS_OFFSET
+        wire[at:at + 2] = netlink.CREATE_ACK_FLAGS
         try:
-            pending: list[bytes] = []
-            size = 0
-            for m in msgs:
-                if size + len(m) > MAX_SEND and pending:
-                    self._sock.send(b"".join(pending))
-                    pending, size = [], 0
-                pending.append(m)
-                size += len(m)
-            self._sock.send(b"".join(pending))
+            with memoryview(wire) as view:
+                a, end = starts[start], starts[stop]
+                while a < end:  # sendmsg by sendmsg, each whole requests and at most MAX_SEND bytes
+                    b = end if end - a <= MAX_SEND else starts[bisect.bisect_right(starts, a + MAX_SEND) - 1]
+                    if b <= a:  # (no request is that long; never loop)
+                        b = starts[bisect.bisect_right(starts, a)]
+                    self._sock.send(view[a:b])
+                    a = b
         except OSError as err:
             raise ConntrackError("sending create requests failed", err.errno) from err
 

@@ -16,7 +16,7 @@ When not everything fits, the entries that matter most go first
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from .. import netlink
@@ -278,17 +278,21 @@ class Incoming:
         """Positions of the items, most important first (the order Save uses)."""
         return priority.order(self._summaries())
 
-    def batch(self, positions: Iterable[int], refusals: Decoded | None = None) -> CreateBatch:
+    def batch(self, positions: Sequence[int], refusals: Decoded | None = None,
+              reserve_seqs: Callable[[int], int] = lambda n: 1) -> CreateBatch:
         """The create requests of the items at ``positions``, with the mark Load
         was given; refused records are counted (in ``refusals``, by default
         :attr:`refusals`) and left out.
 
-        Compact records become requests without an Entry where their shape
-        allows (:mod:`.creates`); save lines were parsed into entries already.
+        Compact records become numbered requests, shape by shape, without an
+        Entry where their shape allows (:mod:`.creates`), their sequence
+        numbers from ``reserve_seqs(n)`` (the adapter's: see
+        :meth:`pvevmstate.netlink.conntrack.Conntrack.reserve_seqs`); save
+        lines were parsed into entries already, whose batch the adapter numbers.
         """
         if self._records is not None:
             return creates.batch(self._records, positions, self._mark,
-                                 self.refusals if refusals is None else refusals)
+                                 self.refusals if refusals is None else refusals, reserve_seqs)
         have = self._entries or []
         return netlink.create_batch((have[i] for i in positions), self._mark)
 

@@ -23,8 +23,8 @@ class EmptyTable:
     def dump(self, mark: int) -> list[Entry]:
         return []
 
-    def number(self, batch: CreateBatch) -> None:
-        pass
+    def reserve_seqs(self, n: int) -> int:
+        return 1
 
     def create(self, batch: CreateBatch) -> CreateResult:
         return CreateResult(created=len(batch))

@@ -29,13 +29,13 @@ class FakeBackend:
             raise self._dump
         return self._dump
 
-    def number(self, batch: CreateBatch) -> None:
-        pass
+    def reserve_seqs(self, n: int) -> int:
+        return 1
 
     def create(self, batch: CreateBatch) -> CreateResult:
         if isinstance(self._create, Exception):
             raise self._create
-        self.created.extend(batch.bodies)
+        self.created.extend(batch.requests() if batch.wire is not None else batch.bodies)
         return self._create
 
     def stats(self) -> TableStats:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import struct
 from collections.abc import Iterator
 
 import pytest
@@ -63,22 +64,33 @@ def reply_differs(e: Entry) -> bool:
 
 
 def check(data: bytes, positions: list[int] | None = None) -> CreateBatch:
-    """The batch of ``data``'s records equals create_request() of their entries, refusals included."""
+    """The batch of ``data``'s records holds create_request() of each of their
+    entries, in any order, numbered; refusals included."""
     by_entry = payload.Incoming(data, MARK)
     direct = payload.Incoming(data, MARK)
     assert by_entry.format in (payload.Format.COMPACT, payload.Format.HYBRID)
     order = list(range(direct.size)) if positions is None else positions
-    batch = direct.batch(order)
+    batch = direct.batch(order, None, lambda n: 1000)
     entries = by_entry.entries(order)
     assert (direct.refusals.refused, direct.refusals.samples) == (by_entry.refusals.refused, by_entry.refusals.samples)
-    assert len(batch) == len(entries) and batch.mark == MARK
-    seq = 1000
-    want = [netlink.create_request(e, MARK, seq + k, k == len(entries) - 1) for k, e in enumerate(entries)]
-    got = netlink.create_requests(batch.bodies, seq)
-    for k, e in enumerate(entries):
-        assert got[k] == want[k], (k, e)
+    assert len(batch) == len(entries) and batch.mark == MARK and batch.first_seq == 1000
+    got = batch.requests()
+    # Numbered in the batch's order; none asks for an ACK yet (the adapter decides as it sends).
+    headers = [struct.unpack_from("=IHHII", r) for r in got]
+    assert [h[3] for h in headers] == list(range(1000, 1000 + len(got)))
+    unacked = netlink.create_request(Entry(AF_INET, 0, b"", b"", b"", b""), 0, 0, False)
+    type_and_flags = struct.unpack_from("=HH", unacked, 4)
+    assert all(h[0] == len(r) and h[1:3] == type_and_flags and h[4] == 0 for h, r in zip(headers, got, strict=True))
+    # The requests of the entries, each once: byte for byte, in any order.
+    bodies = [netlink.create_request(e, MARK, 0, False)[16:] for e in entries]
+    assert sorted(r[16:] for r in got) == sorted(bodies)
+    # Every entry a create looks at again is kept, by its request's index.
+    for k, e in batch.entries.items():
+        assert got[k][16:] == netlink.create_request(e, MARK, 0, False)[16:], (k, e)
+    kept = list(batch.entries.values())
+    for e in entries:
         if e.labels or reply_differs(e):
-            assert batch.entries.get(k) == e, (k, e)  # what labels retry and the NAT check read
+            kept.remove(e)  # (raises if it is not kept)
     return batch
 
 
@@ -89,8 +101,8 @@ def test_records_become_the_requests_of_their_entries() -> None:
     batch = check(data)
     # Most go without an entry, and the fast shapes are more than TCP/UDP.
     assert len(batch) - len(batch.entries) > 0.7 * len(batch)
-    compiled = [k for k, v in creates._builders.items() if v is not creates._by_entry]
-    assert {k[0] >> 8 for k in compiled} >= {1, 6, 17, 33, 47, 58, 132}
+    planned = [k for k, v in creates.plans().items() if v is not None]
+    assert {k[0] >> 8 for k in planned} >= {1, 6, 17, 33, 47, 58, 132}
 
 
 def test_in_priority_order_and_from_a_hybrid_payload() -> None:
@@ -121,7 +133,7 @@ def test_many_shapes_past_the_bound_still_build_the_same_bytes(monkeypatch: pyte
     monkeypatch.setattr(creates, "MAX_SHAPES", 3)
     entries = corpus()[:3000]
     check(compact.encode(entries))
-    assert len(creates._builders) == 3
+    assert len(creates.plans()) == 3
 
 
 def test_a_shape_is_built_from_the_table_not_by_hand() -> None:
@@ -129,12 +141,15 @@ def test_a_shape_is_built_from_the_table_not_by_hand() -> None:
                  bytes((10, 0, 0, 1)), 1000, 443, 443, 1000, timeout=600, status=IPS_SEEN_REPLY, state=3)
     (record,) = compact.records([base])
     present = compact.RECORD.unpack(record)[2]
-    text = creates.source(AF_INET, PROTO_TCP, present)
-    assert text is not None and "_pack(" in text and "EXPECTED" in text
-    # A shape that may carry NAT has no builder: its Entry decides.
+    plan = creates.plan_of(AF_INET, PROTO_TCP, present)
+    assert plan is not None and plan.expected_at is not None
+    assert plan.size == len(plan.template) == len(netlink.create_request(base, MARK, 0, False))
+    # Addresses and ports copied, the status and the TCP flags (from the state) through tables.
+    assert len(plan.copies) >= 4 * 4 + 4 * 2 and len(plan.mapped) >= 2
+    # A shape that may carry NAT has no plan: its Entry decides.
     nat = dataclasses.replace(base, reply_dport=2000, status=IPS_SEEN_REPLY | IPS_SRC_NAT_DONE)
     present = compact.RECORD.unpack(compact.records([nat])[0])[2]
-    assert creates.source(AF_INET, PROTO_TCP, present) is None
+    assert creates.plan_of(AF_INET, PROTO_TCP, present) is None
 
 
 def test_random_records_never_differ() -> None:

@@ -226,8 +226,8 @@ class Table:
     def dump(self, mark: int) -> list[Entry]:
         return self.entries
 
-    def number(self, batch: CreateBatch) -> None:
-        pass
+    def reserve_seqs(self, n: int) -> int:
+        return 1
 
     def create(self, batch: CreateBatch) -> CreateResult:
         result = CreateResult()

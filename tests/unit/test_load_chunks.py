@@ -50,11 +50,12 @@ class Table:
         self.spans: list[tuple[float, float]] = []
         #: The GIL's switch interval during each create.
         self.switch: list[float] = []
-        #: For each batch numbered ahead: whether a chunk was in flight meanwhile.
-        self.numbered: list[bool] = []
+        #: For each batch numbered: the thread that numbered it.
+        self.numbered: list[str] = []
 
-    def number(self, batch: CreateBatch) -> None:
-        self.numbered.append(self.creating.is_set())
+    def reserve_seqs(self, n: int) -> int:
+        self.numbered.append(threading.current_thread().name)
+        return 1
 
     def create(self, batch: CreateBatch) -> CreateResult:
         assert not self.creating.is_set()
@@ -163,8 +164,8 @@ def test_every_chunk_is_built_while_the_one_before_is_created(monkeypatch: pytes
     chunks = _sizes(12_000)
     assert len(builds) == len(table.spans) == len(chunks) == 8
     assert all(built[1] > span[0] and built[0] < span[1] for built, span in zip(builds[1:], table.spans, strict=False))
-    # ... and numbered then too, so the thread that sends it has nothing left to do but send.
-    assert table.numbered == [True] * 7
+    # ... and numbered there, so the thread that sends it has nothing left to do but send.
+    assert table.numbered == [threading.current_thread().name] * 8
     assert table.reads == 1 + 7  # before Load, then between two chunks (none after the last)
     assert table.sizes == [stop - start - sum(start <= i < stop for i in bad) for start, stop in chunks]
     # The GIL changed hands often while the chunks were created, and as before once Load was done.

@@ -271,16 +271,3 @@ def test_decode_stats_reads_the_count_and_the_maximum() -> None:
     with pytest.raises(ConntrackError, match="refused"):
         netlink.decode_stats(refused, len(refused), 7)
 
-
-NLM_F_ACK = 4  # linux/netlink.h
-
-
-def test_only_the_last_request_of_each_run_asks_for_an_ack() -> None:
-    bodies = [bytes((2, 0, 0, 0)) + bytes([i]) * 4 for i in range(10)]
-    for every, acked in [(0, [9]), (3, [2, 5, 8, 9]), (5, [4, 9]), (10, [9]), (20, [9])]:
-        msgs = netlink.create_requests(bodies, 41, every)
-        headers = [struct.unpack_from("=IHHII", m) for m in msgs]
-        assert [h[3] for h in headers] == list(range(41, 51))
-        assert [i for i, h in enumerate(headers) if h[2] & NLM_F_ACK] == acked
-        assert [h[0] for h in headers] == [len(m) for m in msgs] and [m[16:] for m in msgs] == bodies
-    assert netlink.create_requests([], 1, 3) == []
