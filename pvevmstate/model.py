@@ -164,7 +164,7 @@ class CreateBatch:
     first_seq: int = 0
 
     def __len__(self) -> int:
-        return len(self.starts) - 1 if self.wire is not None else len(self.bodies)
+        return max(len(self.starts) - 1, 0) if self.wire is not None else len(self.bodies)
 
     def requests(self) -> list[bytes]:
         """Each numbered request, header included (for reading; the adapter sends ``wire``)."""

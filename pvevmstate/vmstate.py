@@ -265,7 +265,7 @@ class VMState:
                     if size > 0:  # built while the kernel creates the chunk in flight
                         refusals = payload.Decoded()
                         chunk = order[done:done + size]
-                        ahead = (chunk, incoming.batch(chunk, refusals, self._backend.reserve_seqs), refusals)
+                        ahead = (chunk, incoming.batch(chunk, self._backend.reserve_seqs, refusals), refusals)
                     result.add(pending.result())
                     pending, flying = None, 0
                     if done == n:
@@ -281,7 +281,7 @@ class VMState:
                     if size <= 0:
                         break
                     chunk = order[done:done + size]
-                    batch = incoming.batch(chunk, None, self._backend.reserve_seqs)
+                    batch = incoming.batch(chunk, self._backend.reserve_seqs)
                 fresh = False
                 done += len(chunk)
                 step = next_chunk(step)

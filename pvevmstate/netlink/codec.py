@@ -17,7 +17,7 @@ import operator
 import socket
 import struct
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
@@ -978,7 +978,7 @@ def create_body(e: Entry, mark: int) -> bytes:
 
     It depends neither on the sequence number nor on the ACK flag, so a
     batch of bodies can be built before the adapter numbers them
-    (:func:`create_requests`).
+    (:func:`create_header`).
     """
     body = _common_body(e, mark)
     return body if body is not None else _general_body(e, mark)
@@ -999,17 +999,6 @@ def create_request(e: Entry, mark: int, seq: int, ack: bool) -> bytes:
     """
     body = create_body(e, mark)
     return _create_header(body, seq, ack) + body
-
-
-def create_requests(bodies: Sequence[bytes], seq: int) -> list[bytes]:
-    """The CT_NEW requests of ``bodies`` (:func:`create_body`), numbered ``seq``,
-    ``seq + 1``, ...; only the last asks for an ACK (the kernel answers
-    failures anyway, so one reply ends the batch)."""
-    pack, flags = _NLMSGHDR.pack, _CREATE_FLAGS
-    out = [pack(16 + len(b), IPCTNL_MSG_CT_NEW, flags, s, 0) + b for s, b in enumerate(bodies, seq)]
-    if out:
-        out[-1] = _create_header(bodies[-1], seq + len(out) - 1, True) + bodies[-1]
-    return out
 
 
 def create_header(body_size: int, seq: int) -> bytes:

@@ -368,10 +368,11 @@ class Conntrack:
     def create(self, batch: CreateBatch) -> CreateResult:
         """Create each entry of ``batch``; one refusal never stops the others.
 
-        Requests go out many per ``sendmsg``. Only the last request of a batch
-        asks for an ACK; the kernel answers failed requests anyway, so a batch
-        costs one round trip, and a batch never exceeds what the receive
-        buffer can hold in replies.
+        Requests go out many per ``sendmsg``, in runs of at most
+        :attr:`ack_budget`. Only the last request of a run asks for an ACK;
+        the kernel answers failed requests anyway, so a run costs one round
+        trip, and a run never exceeds what the receive buffer can hold in
+        replies.
 
         :param batch: the requests (made from entries by
             :func:`pvevmstate.netlink.create_batch`, or by Load from records)
@@ -412,7 +413,7 @@ class Conntrack:
         """Give an unnumbered ``batch`` its requests' headers (:attr:`CreateBatch.wire`)."""
         if batch.wire is None:
             first = self.reserve_seqs(len(batch))
-            requests = netlink.create_requests(batch.bodies, first)
+            requests = [netlink.create_header(len(b), seq) + b for seq, b in enumerate(batch.bodies, first)]
             batch.wire = bytearray(b"".join(requests))
             batch.starts = list(itertools.accumulate(map(len, requests), initial=0))
             batch.first_seq = first
@@ -430,9 +431,10 @@ class Conntrack:
         """
         if not wanted:
             return 0
-        first = self._seq + 1
+        # Reserved at once: Load may reserve the next chunk's numbers meanwhile, from its own thread.
+        first = self.reserve_seqs(len(wanted))
         try:
-            self._sock.send(b"".join(netlink.get_request(e, self._next_seq()) for e in wanted.values()))
+            self._sock.send(b"".join(netlink.get_request(e, seq) for seq, e in enumerate(wanted.values(), first)))
         except OSError as err:
             raise ConntrackError("sending NAT checks failed", err.errno) from err
         index = dict(enumerate(wanted))
@@ -464,8 +466,11 @@ class Conntrack:
         assert wire is not None  # numbered by create()
         first = batch.first_seq + start
         last_seq = first + count - 1
-        # The last request of the run asks for the ACK that tells the run is done.
+        # The last request of the run asks for the ACK that tells the run is
+        # done; only while the run is sent (a batch sent again, in other runs,
+        # must not ask for ACKs the receive buffer was not sized for).
         at = starts[stop - 1] + netlink.FLAGS_OFFSET
+        unacked = wire[at:at + 2]
         wire[at:at + 2] = netlink.CREATE_ACK_FLAGS
         try:
             with memoryview(wire) as view:
@@ -478,6 +483,8 @@ class Conntrack:
                     a = b
         except OSError as err:
             raise ConntrackError("sending create requests failed", err.errno) from err
+        finally:
+            wire[at:at + 2] = unacked
 
         entries = batch.entries
         failed = 0

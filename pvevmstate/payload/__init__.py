@@ -278,8 +278,8 @@ class Incoming:
         """Positions of the items, most important first (the order Save uses)."""
         return priority.order(self._summaries())
 
-    def batch(self, positions: Sequence[int], refusals: Decoded | None = None,
-              reserve_seqs: Callable[[int], int] = lambda n: 1) -> CreateBatch:
+    def batch(self, positions: Sequence[int], reserve_seqs: Callable[[int], int],
+              refusals: Decoded | None = None) -> CreateBatch:
         """The create requests of the items at ``positions``, with the mark Load
         was given; refused records are counted (in ``refusals``, by default
         :attr:`refusals`) and left out.

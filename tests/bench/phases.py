@@ -101,7 +101,7 @@ def phases(n: int) -> dict[str, float]:
         out["create requests of entries"], _ = timed(lambda: netlink.create_batch(decoded.entries, VMID))
         # What Load does: records straight to numbered create requests, a shape at a time (entries only where needed).
         out["decode payload into requests"], batch_any = timed(
-            lambda: payload.Incoming(encoded.data, VMID).batch(range(n)))
+            lambda: payload.Incoming(encoded.data, VMID).batch(range(n), table.reserve_seqs))
         batch = cast(CreateBatch, batch_any)
         assert len(batch) == n
 
