@@ -197,9 +197,7 @@ class Conntrack:
         self._sock.close()
 
     def _next_seq(self) -> int:
-        with self._seq_lock:
-            self._seq = (self._seq + 1) & 0x7FFFFFFF or 1
-            return self._seq
+        return self.reserve_seqs(1)
 
     def _recv(self) -> tuple[bytes, int]:
         n = self._sock.recv_into(self._buf, len(self._buf), socket.MSG_TRUNC)
@@ -380,9 +378,7 @@ class Conntrack:
         """
         result = CreateResult()
         unlabeled: list[Entry] = []
-        self.number(batch)
-        for start in range(0, len(batch), self.ack_budget):
-            self._create_batch(batch, start, min(start + self.ack_budget, len(batch)), result, unlabeled)
+        self._create_runs(batch, result, unlabeled)
         if unlabeled:
             # Labels exist only where a ruleset uses them (EOPNOTSUPP otherwise);
             # the entry itself matters more than its labels.
@@ -391,11 +387,14 @@ class Conntrack:
             result.failed[errno.EOPNOTSUPP] -= len(unlabeled)
             if not result.failed[errno.EOPNOTSUPP]:
                 del result.failed[errno.EOPNOTSUPP]
-            again = netlink.create_batch(unlabeled, batch.mark)
-            self.number(again)
-            for start in range(0, len(again), self.ack_budget):
-                self._create_batch(again, start, min(start + self.ack_budget, len(again)), result, None)
+            self._create_runs(netlink.create_batch(unlabeled, batch.mark), result, None)
         return result
+
+    def _create_runs(self, batch: CreateBatch, result: CreateResult, unlabeled: list[Entry] | None) -> None:
+        """Number ``batch`` unless it is, and create it a run of :attr:`ack_budget` requests at a time."""
+        self.number(batch)
+        for start in range(0, len(batch), self.ack_budget):
+            self._create_batch(batch, start, min(start + self.ack_budget, len(batch)), result, unlabeled)
 
     def reserve_seqs(self, n: int) -> int:
         """The first of ``n`` consecutive sequence numbers (all within
@@ -463,7 +462,7 @@ class Conntrack:
         if count <= 0:
             return
         wire, starts = batch.wire, batch.starts
-        assert wire is not None  # numbered by create()
+        assert wire is not None  # numbered by _create_runs()
         first = batch.first_seq + start
         last_seq = first + count - 1
         # The last request of the run asks for the ACK that tells the run is

@@ -255,7 +255,7 @@ async def measure(n: int, repeat: int, work: Path) -> dict[str, Any]:
             assert count(ns, VMID) == n, "conntrack --load-file did not restore the table"
 
         # Load as a migration's destination runs it: in a helper that has done
-        # nothing before (its first Load compiles the create builders of the
+        # nothing before (its first Load makes the create plans of the
         # payload's record shapes and touches its memory for the first time),
         # started with none of the VM's entries in the table. It loads before
         # its first background dump (warmer.FIRST_DELAY after ready).

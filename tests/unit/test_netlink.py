@@ -270,4 +270,3 @@ def test_decode_stats_reads_the_count_and_the_maximum() -> None:
     refused = struct.pack("=IHHII", 20, netlink.NLMSG_ERROR, 0, 7, 0) + struct.pack("=i", -1)
     with pytest.raises(ConntrackError, match="refused"):
         netlink.decode_stats(refused, len(refused), 7)
-
