@@ -127,6 +127,10 @@ class SaveReport:
     ms: float
     #: Entries whose pieces came from the cache (the rest were encoded now).
     cached: int = 0
+    #: What the dump built on its way (Save's scan through the cache), held
+    #: until the answer has gone out: freeing it takes ~0.3 ms at 5,000
+    #: entries, which the caller, inside the VM's downtime, need not wait for.
+    spent: object = None
 
 
 @dataclass(slots=True)
@@ -205,7 +209,8 @@ class VMState:
             assert scan is not None  # never stopped
             out = payload.encode_sendable(scan, self.vmid, self._limit, self._format)
             out.expected = scan.expected
-            return SaveReport(out, len(scan) + scan.expected, (time.perf_counter() - t0) * 1000, scan.hits)
+            return SaveReport(out, len(scan) + scan.expected, (time.perf_counter() - t0) * 1000, scan.hits,
+                              spent=scan)
         entries = backend.dump(self.vmid)
         out = payload.encode(entries, self.vmid, self._limit, self._format)
         return SaveReport(out, len(entries), (time.perf_counter() - t0) * 1000)

@@ -21,7 +21,7 @@ from sdbus import dbus_method_async_override, dbus_property_async_override
 
 from ..errors import VMStateError
 from ..payload import NO_STATE
-from ..vmstate import VMState
+from ..vmstate import SaveReport, VMState
 from .api import (
     HelperError,
     HelperInternalError,
@@ -107,17 +107,29 @@ class VMStateService(VMState1Interface, VMStateHelperInterface):
         self._busy = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        #: The PropertiesChanged signals being sent (the loop keeps weak references to tasks only).
+        self._tasks: set[asyncio.Future[None]] = set()
 
     def _started(self) -> None:
         self._busy += 1
         self._idle.clear()
 
-    def _answered(self, member: str) -> None:
+    def _answered(self, member: str, count: int | None, spent: object = None) -> None:
         # sdbus sends the reply right after the method returns, in the same
-        # task step; call_soon runs after that.
-        asyncio.get_running_loop().call_soon(self._replied, member)
+        # task step; call_soon runs after that. The count (a property and
+        # its PropertiesChanged signal, which would go out on the bus first)
+        # and the freeing of what the work left (``spent``) wait for it: the
+        # caller, QEMU inside the VM's downtime, gets its answer first.
+        asyncio.get_running_loop().call_soon(self._replied, member, count, spent)
 
-    def _replied(self, member: str) -> None:
+    def _replied(self, member: str, count: int | None, spent: object) -> None:
+        # (``spent`` is freed with this call's arguments, once it returns.)
+        if count is not None:
+            # Set here, before the loop reads any later message: a Get sent
+            # after the answer arrived reads it. The signal follows.
+            self._migrated = count
+            self._tasks.add(task := asyncio.ensure_future(self._announce()))
+            task.add_done_callback(self._tasks.discard)
         self._busy -= 1
         if not self._busy:
             self._idle.set()
@@ -143,29 +155,31 @@ class VMStateService(VMState1Interface, VMStateHelperInterface):
     def _set_num_migrated_entries(self, value: int) -> None:
         self._migrated = value
 
-    async def _count(self, value: int) -> None:
-        await self.num_migrated_entries.set_async(value)
+    async def _announce(self) -> None:
+        # set_async also emits PropertiesChanged; the latest count, whichever
+        # answer scheduled this.
+        await self.num_migrated_entries.set_async(self._migrated)
 
     @dbus_method_async_override()
     @boundary("Save", NO_STATE)
     async def save(self) -> bytes:
         self._started()
+        report: SaveReport | None = None
         try:
             report = await self._state.save()
-            await self._count(report.encoded.sent)
             return report.encoded.data
         finally:
-            self._answered("Save")
+            self._answered("Save", None if report is None else report.encoded.sent, report)
 
     @dbus_method_async_override()
     @boundary("Load", None)
     async def load(self, data: bytes) -> None:
         self._started()
+        created: int | None = None
         try:
-            report = await self._state.load(bytes(data))
-            await self._count(report.result.created)
+            created = (await self._state.load(bytes(data))).result.created
         finally:
-            self._answered("Load")
+            self._answered("Load", created)
 
     @dbus_method_async_override()
     @boundary("Quit")
