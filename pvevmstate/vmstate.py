@@ -197,8 +197,9 @@ class VMState:
             # what has not changed since a background dump.
             layouts = pieces.layouts or backend.layouts
             # The dump's reading thread waits for the kernel most of the
-            # time: it maps the memory the assembly will need meanwhile.
-            prefault = heap.Prefault(heap.prefault_size(len(pieces)))
+            # time: it maps meanwhile the memory the assembly will need and
+            # the last background dump did not keep mapped.
+            prefault = heap.Prefault(heap.prefault_size(len(pieces)) - heap.kept())
             # Priority keys made during the dump serve the hybrid payload's save lines only.
             keys = self._format == payload.Choice.AUTO
             try:

@@ -125,7 +125,9 @@ class Warmer:
         hits = scan.hits
         del scan
         old = savecache.EMPTY  # (the generation before: freed before the trim)
-        heap.trim()
+        # What Save's assembly will touch is mapped again here, not during
+        # its dump (none when Save has begun meanwhile: it competes for the CPU).
+        heap.trim(keep=0 if self._stopped.is_set() else heap.keep_size(len(pieces)))
         cpu = time.process_time() - c0
         self.passes += 1
         if self.passes == 1:

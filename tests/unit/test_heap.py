@@ -89,3 +89,58 @@ def test_prefault_stops_at_its_size() -> None:
     assert prefault.touched == 0
     assert heap.prefault_size(0) == heap.PREFAULT_BASE
     assert heap.prefault_size(10**9) == heap.PREFAULT_MAX
+
+
+_KEEP_CHILD = r"""
+import json, resource
+from pvevmstate import heap
+
+def faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+heap.configure()
+garbage = [b"x" * (1 << 20) for _ in range(24)]  # what a background dump leaves freed
+del garbage
+r0 = rss()
+heap.trim(keep=8 << 20)
+got = {"kept": heap.kept(), "mapped": rss() - r0}
+heap.trim()
+r1 = rss()
+heap.trim(keep=8 << 20)
+got["remapped"] = rss() - r1
+f0 = faults()
+assembly = [b"y" * (1 << 20) for _ in range(6)]  # Save's assembly, after the wait
+got["reused"] = faults() - f0
+del assembly
+r2 = rss()
+heap.trim()
+got["kept_after"] = heap.kept()
+got["trimmed"] = r2 - rss()
+print(json.dumps(got))
+"""
+
+
+@pytest.mark.skipif(heap._libc() is None, reason="not glibc")
+def test_trim_keeps_what_save_will_touch_mapped() -> None:
+    out = subprocess.run([sys.executable, "-c", _KEEP_CHILD], cwd=REPO, capture_output=True, text=True,
+                         check=True, env={"PYTHONPATH": str(REPO)})
+    got = json.loads(out.stdout)
+    # What the dump freed went back, and 8 MiB were mapped again ...
+    assert got["kept"] == 8 << 20, got
+    assert got["mapped"] <= -(14 << 20), got
+    assert (8 << 20) * 0.9 <= got["remapped"] <= (8 << 20) * 1.2, got
+    # ... so that 6 MiB allocated next take no page faults ...
+    assert got["reused"] < 100, got
+    # ... until a trim that keeps nothing (after the answer) gives them back.
+    assert got["kept_after"] == 0
+    assert got["trimmed"] >= (6 << 20) * 0.9, got
+
+
+def test_keep_size_is_bounded() -> None:
+    assert heap.keep_size(0) == 0
+    assert heap.keep_size(5000) == heap.prefault_size(5000)
+    assert heap.keep_size(50_000) == heap.KEEP_MAX < heap.prefault_size(50_000)
