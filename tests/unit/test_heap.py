@@ -12,7 +12,7 @@ from pvevmstate import heap
 from tests.support import REPO
 
 # Run in a child: the allocator's settings are per process and for good.
-_CHILD = r"""
+_PRELUDE = r"""
 import json, resource, sys, threading
 from pvevmstate import heap
 
@@ -22,7 +22,9 @@ def faults():
 def rss():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * 4096
+"""
 
+_CHILD = _PRELUDE + r"""
 configured = heap.configure() if sys.argv[1] == "configure" else False
 prefault = heap.Prefault(16 << 20)
 got = {}
@@ -91,17 +93,7 @@ def test_prefault_stops_at_its_size() -> None:
     assert heap.prefault_size(10**9) == heap.PREFAULT_MAX
 
 
-_KEEP_CHILD = r"""
-import json, resource
-from pvevmstate import heap
-
-def faults():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-
-def rss():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4096
-
+_KEEP_CHILD = _PRELUDE + r"""
 heap.configure()
 garbage = [b"x" * (1 << 20) for _ in range(24)]  # what a background dump leaves freed
 del garbage
