@@ -119,26 +119,36 @@ class _Kept:
     size = 0
 
 
-def trim(keep: int = 0) -> None:
+def trim(keep: int = 0, stop: threading.Event | None = None) -> None:
     """Give the memory the process freed back to the system (glibc's
     malloc_trim), then map ``keep`` bytes again: touched and freed, they stay
-    with the heap for the next blocks (:func:`kept`)."""
+    with the heap for the next blocks (:func:`kept`).
+
+    :param stop: set when Save has begun (the background dump's): then
+        nothing is trimmed (Save counts on what is mapped), and touching stops
+        at the next slice (Save wants the CPU)
+    """
     libc = _libc()
     if libc is None:
         return
     with _Kept.lock:
+        if stop is not None and stop.is_set():
+            return
         libc.malloc_trim(0)
         _Kept.size = 0
         if keep > 0:
             touched = Prefault(keep)
-            touched.fill()
-            _Kept.size = touched.touched
+            _Kept.size = touched.fill(stop)
             touched.release()
 
 
 def kept() -> int:
-    """Bytes the last :func:`trim` mapped again (0 once a trim kept none)."""
-    return _Kept.size
+    """Bytes the last :func:`trim` mapped again (0 once a trim kept none).
+
+    Waits for a :func:`trim` under way: one told to stop ends within a slice.
+    """
+    with _Kept.lock:
+        return _Kept.size
 
 
 def prefault_size(entries: int) -> int:
@@ -163,12 +173,13 @@ class Prefault:
     :param size: how much to touch in all
     """
 
-    __slots__ = ("_held", "_left", "_libc")
+    __slots__ = ("_bytes", "_held", "_left", "_libc")
 
     def __init__(self, size: int) -> None:
         self._libc = _allocator()
         self._held: list[int] = []
         self._left = size if self._libc is not None else 0
+        self._bytes = 0
 
     def step(self) -> None:
         """Touch the next slice, if any is left."""
@@ -180,11 +191,13 @@ class Prefault:
         if block:
             self._libc.memset(block, 0, size)
             self._held.append(block)
+            self._bytes += size
 
-    def fill(self) -> None:
-        """Touch every slice left now."""
-        while self._left > 0 and self._libc is not None:
+    def fill(self, stop: threading.Event | None = None) -> int:
+        """Touch every slice left now, or until ``stop`` is set; the bytes touched in all."""
+        while self._left > 0 and self._libc is not None and not (stop is not None and stop.is_set()):
             self.step()
+        return self._bytes
 
     @property
     def touched(self) -> int:

@@ -126,8 +126,8 @@ class Warmer:
         del scan
         old = savecache.EMPTY  # (the generation before: freed before the trim)
         # What Save's assembly will touch is mapped again here, not during
-        # its dump (none when Save has begun meanwhile: it competes for the CPU).
-        heap.trim(keep=0 if self._stopped.is_set() else heap.keep_size(len(pieces)))
+        # its dump; nothing is trimmed or touched once Save has begun.
+        heap.trim(heap.keep_size(len(pieces)), self._stopped)
         cpu = time.process_time() - c0
         self.passes += 1
         if self.passes == 1:

@@ -95,11 +95,20 @@ def test_prefault_stops_at_its_size() -> None:
 
 _KEEP_CHILD = _PRELUDE + r"""
 heap.configure()
+stop = threading.Event()
+stop.set()
+garbage = [b"x" * (1 << 20) for _ in range(8)]
+del garbage
+r = rss()
+heap.trim(8 << 20, stop)  # Save has begun: neither trimmed nor touched
+got = {"stopped_kept": heap.kept(), "stopped_trimmed": r - rss()}
+heap.trim(5_194_304)  # not whole slices
+got["odd"] = heap.kept()
 garbage = [b"x" * (1 << 20) for _ in range(24)]  # what a background dump leaves freed
 del garbage
 r0 = rss()
 heap.trim(keep=8 << 20)
-got = {"kept": heap.kept(), "mapped": rss() - r0}
+got.update(kept=heap.kept(), mapped=rss() - r0)
 heap.trim()
 r1 = rss()
 heap.trim(keep=8 << 20)
@@ -121,7 +130,11 @@ def test_trim_keeps_what_save_will_touch_mapped() -> None:
     out = subprocess.run([sys.executable, "-c", _KEEP_CHILD], cwd=REPO, capture_output=True, text=True,
                          check=True, env={"PYTHONPATH": str(REPO)})
     got = json.loads(out.stdout)
-    # What the dump freed went back, and 8 MiB were mapped again ...
+    # Once Save has begun, a background dump's trim leaves the heap alone ...
+    assert got["stopped_kept"] == 0 and got["stopped_trimmed"] < (1 << 20), got
+    # ... and what is kept is counted to the byte ...
+    assert got["odd"] == 5_194_304, got
+    # ... what the dump freed went back, and 8 MiB were mapped again ...
     assert got["kept"] == 8 << 20, got
     assert got["mapped"] <= -(14 << 20), got
     assert (8 << 20) * 0.9 <= got["remapped"] <= (8 << 20) * 1.2, got
