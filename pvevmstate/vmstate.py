@@ -128,7 +128,7 @@ class SaveReport:
     #: Entries whose pieces came from the cache (the rest were encoded now).
     cached: int = 0
     #: What the dump built on its way (Save's scan through the cache), held
-    #: until the answer has gone out: freeing it takes ~0.3 ms at 5,000
+    #: until the answer is on the bus: freeing it takes ~0.3 ms at 5,000
     #: entries, which the caller, inside the VM's downtime, need not wait for.
     spent: object = None
 

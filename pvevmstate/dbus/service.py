@@ -116,14 +116,16 @@ class VMStateService(VMState1Interface, VMStateHelperInterface):
 
     def _answered(self, member: str, count: int | None, spent: object = None) -> None:
         # sdbus sends the reply right after the method returns, in the same
-        # task step; call_soon runs after that. The count (a property and
-        # its PropertiesChanged signal, which would go out on the bus first)
-        # and the freeing of what the work left (``spent``) wait for it: the
-        # caller, QEMU inside the VM's downtime, gets its answer first.
-        asyncio.get_running_loop().call_soon(self._replied, member, count, spent)
+        # task step (sd_bus_send writes it to the socket, whose send buffer
+        # sd-bus sets to 8 MiB); call_soon runs after that. The count (a
+        # property and its PropertiesChanged signal, which would go out on
+        # the bus first) and the freeing of what the work left (``spent``)
+        # wait for it: the caller, QEMU inside the VM's downtime, gets its
+        # answer first.
+        asyncio.get_running_loop().call_soon(self._replied, member, count, [spent])
 
-    def _replied(self, member: str, count: int | None, spent: object) -> None:
-        # (``spent`` is freed with this call's arguments, once it returns.)
+    def _replied(self, member: str, count: int | None, spent: list[object]) -> None:
+        spent.clear()  # freed here, after the answer
         if count is not None:
             # Set here, before the loop reads any later message: a Get sent
             # after the answer arrived reads it. The signal follows.

@@ -206,16 +206,20 @@ def test_drained_waits_for_the_reply_of_a_running_save() -> None:
 def test_save_counts_what_it_sent_and_announces_it() -> None:
     entries = [e for e in entry_kinds() if e.family == AF_INET][:3]
 
-    async def body(vm: VMState1Interface, helper: VMStateHelperInterface) -> None:
+    async def main() -> None:
+        server: SdBus = sd_bus_open_system()
+        caller: SdBus = sd_bus_open_system()
+        service = VMStateService(VMState(100, FakeBackend(entries, CreateResult())), FakeLifecycle())
+        handle = service.export_to_dbus(VMSTATE_PATH, server)
+        name = "com.proxmox.VMStateHelper.VM100"
+        await server.request_name_async(name, 0)
         changes: asyncio.Queue[Any] = asyncio.Queue()
-
-        async def watch() -> None:
-            async for change in helper.properties_changed:
-                await changes.put(change)
-
-        watcher = asyncio.create_task(watch())
+        # Returns once dbus-daemon has the match: no signal can slip by.
+        match = await caller.match_signal_async(name, VMSTATE_PATH, "org.freedesktop.DBus.Properties",
+                                                "PropertiesChanged", lambda m: changes.put_nowait(m.get_contents()))
         try:
-            await asyncio.sleep(0.2)  # the match is in place
+            vm = VMState1Interface.new_proxy(name, VMSTATE_PATH, caller)
+            helper = VMStateHelperInterface.new_proxy(name, VMSTATE_PATH, caller)
             assert len(await vm.save()) > 1
             # Set before the loop reads anything after the answer: a Get right after it sees it.
             assert await helper.num_migrated_entries == 3
@@ -223,9 +227,12 @@ def test_save_counts_what_it_sent_and_announces_it() -> None:
             assert interface == "com.proxmox.VMStateHelper"
             assert changed == {"NumMigratedEntries": ("u", 3)}
         finally:
-            watcher.cancel()
+            match.close()
+            handle.stop()
+            caller.close()
+            server.close()
 
-    serve(FakeBackend(entries, CreateResult()), FakeLifecycle(), body)
+    asyncio.run(main())
 
 
 def test_save_answers_before_it_frees_what_the_work_left() -> None:
