@@ -132,8 +132,8 @@ def median(values: Sequence[float]) -> float:
 class Helper:
     """A helper process in ``ns`` on ``bus``, registered with ``qemu``."""
 
-    def __init__(self, ns: str, bus: PrivateBus, qemu: Qemu, log: Path) -> None:
-        env = dict(os.environ, PYTHONPATH=str(REPO), DBUS_SYSTEM_BUS_ADDRESS=bus.address)
+    def __init__(self, ns: str, bus: PrivateBus, qemu: Qemu, log: Path, repo: Path = REPO) -> None:
+        env = dict(os.environ, PYTHONPATH=str(repo), DBUS_SYSTEM_BUS_ADDRESS=bus.address)
         self.log = log
         self.t_exec = time.perf_counter()
         self.proc = spawn_logged(
@@ -167,12 +167,13 @@ async def wait_for(predicate: Callable[[], Any], timeout: float = 30, interval: 
         await asyncio.sleep(interval)
 
 
-async def start_helper(ns: str, bus: PrivateBus, qemu: Qemu, log: Path, conn: SdBus) -> tuple[Helper, float, float]:
-    """Start a helper; return it with exec→name held and exec→ready in ms."""
+async def start_helper(ns: str, bus: PrivateBus, qemu: Qemu, log: Path, conn: SdBus, *,
+                       repo: Path = REPO) -> tuple[Helper, float, float]:
+    """Start a helper (from the source tree ``repo``); return it with exec→name held and exec→ready in ms."""
     from pvevmstate.dbus.api import BUS_DRIVER_NAME, BUS_DRIVER_PATH, BusDriver
 
     driver = BusDriver.new_proxy(BUS_DRIVER_NAME, BUS_DRIVER_PATH, conn)
-    helper = Helper(ns, bus, qemu, log)
+    helper = Helper(ns, bus, qemu, log, repo)
 
     async def named() -> bool:
         return bool(await driver.name_has_owner(helper_bus_name(VMID)))

@@ -2,12 +2,11 @@
 
 A stub peer on a private ``dbus-daemon`` (the benchmark's kind of bus) answers
 a method with N bytes already in memory; the caller times the call, as the
-benchmark times Save. dbus-daemon reads at most 2,048 bytes from a connection
-per turn of its loop (``max_bytes_read_per_iteration`` in its socket
-transport) and forwards a message only once it has all of it, so the cost
-grows with the size, whatever the peer does: the difference between 1 MiB
-and 16 bytes is the share of a Save at 5,000 entries (a ~1 MiB hybrid
-payload) that no helper can make smaller.
+benchmark times Save. dbus-daemon reads a connection at most 2,048 bytes a
+read, two reads a turn of its main loop, and forwards a message only once it
+has all of it, so the cost grows with the size, whatever the peer does: the
+difference between 1 MiB and 16 bytes is the share of a Save at 5,000
+entries (a ~1 MiB hybrid payload) that no helper can make smaller.
 
     python3 -m tests.bench.relay [--repeat R] [SIZE ...]
 """
