@@ -29,10 +29,14 @@ So, with glibc's allocator:
   still cost: ~5 MiB at 5,000 entries are ~1,300 faults, ~6 ms of CPU in
   the scan's thread, while the kernel works in the other one on a machine
   where two threads do not get two whole cores. Touched after the
-  background dump instead, Save through fresh helpers, alternating, took
-  57.5 against 60.7 and 52.7 against 54.4 ms at 5,000 entries (medians of
-  14 and 16; 11 of 16 pairs faster), 305.5 against 309.9 ms at 50,000 (7
-  of 8 pairs).
+  background dump instead, a Save of 5,000 entries takes ~320 page faults
+  instead of ~1,650. What that is worth depends on how busy the machine
+  is (``python -m tests.bench.ab``, fresh helpers, alternating): in a slow
+  period 57.5 against 60.7 and 52.7 against 54.4 ms at 5,000 entries
+  (medians of 14 and 16; 11 of 16 pairs faster) and 305.5 against 309.9
+  ms at 50,000 (7 of 8); in calm periods nothing (38.8 against 37.7 and
+  43.9 against 43.2 ms, 8 of 20 pairs faster each time), when the faults
+  hide behind the kernel's work. It costs the idle helper that memory.
 
 Elsewhere (musl, or a glibc without these knobs) all of this does nothing.
 """
