@@ -175,15 +175,27 @@ class Prefault:
     datagram, and the kernel makes the next one only when asked).
 
     :param size: how much to touch in all
+    :param mapped: how much of it is mapped already (:func:`kept`): taken
+        first, in one block and untouched, so that the slices touched after
+        it are memory the heap does not have yet (a slice would otherwise
+        come from the very memory kept mapped, and the assembly would fault
+        on the rest)
     """
 
-    __slots__ = ("_bytes", "_held", "_left", "_libc")
+    __slots__ = ("_bytes", "_held", "_left", "_libc", "_mapped")
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, mapped: int = 0) -> None:
         self._libc = _allocator()
         self._held: list[int] = []
         self._left = size if self._libc is not None else 0
         self._bytes = 0
+        self._mapped: int | None = None
+        if mapped >= size:
+            self._left = 0
+        elif mapped > 0 and self._libc is not None:
+            self._mapped = self._libc.malloc(mapped) or None
+            if self._mapped is not None:
+                self._left -= mapped
 
     def step(self) -> None:
         """Touch the next slice, if any is left."""
@@ -213,5 +225,8 @@ class Prefault:
         if self._libc is not None:
             for block in self._held:
                 self._libc.free(block)
+            if self._mapped is not None:
+                self._libc.free(self._mapped)
         self._held.clear()
+        self._mapped = None
         self._left = 0

@@ -199,7 +199,7 @@ class VMState:
             # The dump's reading thread waits for the kernel most of the
             # time: it maps meanwhile the memory the assembly will need and
             # the last background dump did not keep mapped.
-            prefault = heap.Prefault(heap.prefault_size(len(pieces)) - heap.kept())
+            prefault = heap.Prefault(heap.prefault_size(len(pieces)), heap.kept())
             # Priority keys made during the dump serve the hybrid payload's save lines only.
             keys = self._format == payload.Choice.AUTO
             try:
