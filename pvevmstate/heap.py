@@ -34,7 +34,7 @@ So, with glibc's allocator:
   is (``python -m tests.bench.ab``, fresh helpers, alternating): in a slow
   period 57.5 against 60.7 and 52.7 against 54.4 ms at 5,000 entries
   (medians of 14 and 16; 11 of 16 pairs faster) and 305.5 against 309.9
-  ms at 50,000 (7 of 8); in calm periods nothing (38.8 against 37.7 and
+  and 274.1 against 286.7 ms at 50,000 (7 and 6 of 8); in calm periods nothing (38.8 against 37.7 and
   43.9 against 43.2 ms, 8 of 20 pairs faster each time), when the faults
   hide behind the kernel's work. It costs the idle helper that memory.
 
