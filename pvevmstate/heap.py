@@ -178,8 +178,8 @@ class Prefault:
     :param mapped: how much of it is mapped already (:func:`kept`): taken
         first, in one block and untouched, so that the slices touched after
         it are memory the heap does not have yet (a slice would otherwise
-        come from the very memory kept mapped, and the assembly would fault
-        on the rest)
+        come from the very memory kept mapped and touch nothing new, and what
+        Save allocates beyond it would fault where it is first used)
     """
 
     __slots__ = ("_bytes", "_held", "_left", "_libc", "_mapped")
