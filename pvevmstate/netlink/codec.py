@@ -815,15 +815,16 @@ def _general_body(e: Entry, mark: int) -> bytes:
     return bytes((e.family, 0, 0, 0)) + (_encode(plan, _create_values(e, mark)) or b"")
 
 
-def _create_header(body: bytes, seq: int, ack: bool) -> bytes:
-    return _NLMSGHDR.pack(16 + len(body), IPCTNL_MSG_CT_NEW, _CREATE_FLAGS | NLM_F_ACK if ack else _CREATE_FLAGS,
+def create_header(body_size: int, seq: int, ack: bool = False) -> bytes:
+    """The netlink header of a create request whose body is ``body_size`` bytes."""
+    return _NLMSGHDR.pack(16 + body_size, IPCTNL_MSG_CT_NEW, _CREATE_FLAGS | NLM_F_ACK if ack else _CREATE_FLAGS,
                           seq, 0)
 
 
 def create_request_general(e: Entry, mark: int, seq: int, ack: bool) -> bytes:
     """create_request() for any entry, attribute by attribute (the reference)."""
     body = _general_body(e, mark)
-    return _create_header(body, seq, ack) + body
+    return create_header(len(body), seq, ack) + body
 
 
 # ------------------------------------ create requests of the common shape
@@ -998,12 +999,7 @@ def create_request(e: Entry, mark: int, seq: int, ack: bool) -> bytes:
     :param ack: ask for an acknowledgement even on success
     """
     body = create_body(e, mark)
-    return _create_header(body, seq, ack) + body
-
-
-def create_header(body_size: int, seq: int) -> bytes:
-    """The netlink header of a create request whose body is ``body_size`` bytes (no ACK asked)."""
-    return _NLMSGHDR.pack(16 + body_size, IPCTNL_MSG_CT_NEW, _CREATE_FLAGS, seq, 0)
+    return create_header(len(body), seq, ack) + body
 
 
 #: A create request's netlink flags when it asks for an ACK, and where they sit in its header.

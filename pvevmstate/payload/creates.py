@@ -230,14 +230,17 @@ def plans() -> dict[tuple[int, int], Plan | None]:
 def _requests(plan: Plan, raw: bytearray, rows: list[int], mark: int, seq: int) -> tuple[bytearray, list[int]]:
     """The requests of the records ``rows`` (of ``plan``'s shape), numbered
     from ``seq``, back to back; and the rows left to the Entry path (EXPECTED)."""
-    recs = b"".join([raw[i * _RECORD:(i + 1) * _RECORD] for i in rows])
+    def gathered(rows: list[int]) -> bytes:
+        return b"".join([raw[i * _RECORD:(i + 1) * _RECORD] for i in rows])
+
+    recs = gathered(rows)
     left: list[int] = []
     if plan.expected_at is not None:
         expected = recs[plan.expected_at::_RECORD].translate(_EXPECTED)
         if 1 in expected:  # rare: those go to the Entry path, which refuses them
             left = [i for i, bad in zip(rows, expected, strict=True) if bad]
             rows = [i for i, bad in zip(rows, expected, strict=True) if not bad]
-            recs = b"".join([raw[i * _RECORD:(i + 1) * _RECORD] for i in rows])
+            recs = gathered(rows)
     k, size, at = len(rows), plan.size, plan.mark_at
     template = plan.template
     out = bytearray((template[:at] + mark.to_bytes(4, "big") + template[at + 4:]) * k)
