@@ -12,6 +12,7 @@ import pytest
 from tests.perl_helper import perl_helper_factory
 from tests.support import (
     PrivateBus,
+    byte_compile,
     helper_factory,
     netns_factory,
     node_factory,
@@ -23,6 +24,11 @@ from tests.support import (
 
 __all__ = ["helper_factory", "netns_factory", "node_factory", "nodes", "perl_helper_factory", "qemu_factory",
            "system_bus"]
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """The helpers the tests start import byte-compiled modules, as installed ones do."""
+    byte_compile()
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -10,10 +10,10 @@ drift between two benchmark runs, not than the difference within a pair.
     python3 -m tests.bench.ab N ROUNDS TREE_A TREE_B
 
 Each tree is a checkout, byte-compiled as installed (``python3 -m compileall
-pvevmstate``); the helper runs from the tree's directory. Prints medians of
-Save as the caller sees it ("save"), as its journal line gives it
-("inside"), the difference ("gap"), the kernel's dump, and in how many
-pairs B was the faster.
+pvevmstate``; the libraries the helper imports are compiled here); the helper
+runs from the tree's directory. Prints medians of Save as the caller sees it
+("save"), as its journal line gives it ("inside"), the difference ("gap"), the
+kernel's dump, and in how many pairs B was the faster.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from pvevmstate import messages
 from pvevmstate.dbus.api import VMSTATE_PATH, VMState1Interface, helper_bus_name
 from tests import client
 from tests.bench import bench
-from tests.support import realistic_lines, start_bus, start_qemu
+from tests.support import byte_compile, realistic_lines, start_bus, start_qemu
 
 Sample = tuple[float, float]  # Save as the caller sees it, and inside the helper (ms)
 
@@ -84,6 +84,7 @@ def main() -> int:
     parser.add_argument("trees", type=Path, nargs=2)
     args = parser.parse_args()
     trees = [t.resolve() for t in args.trees]
+    byte_compile()
     samples, kernel = asyncio.run(rounds(args.entries, args.rounds, trees))
     med = statistics.median
     for label, tree in zip("AB", trees, strict=True):

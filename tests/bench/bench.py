@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import compileall
 import json
 import os
 import platform
@@ -56,6 +55,7 @@ from tests.support import (
     REPO,
     PrivateBus,
     Qemu,
+    byte_compile,
     helper_command,
     realistic_lines,
     spawn_logged,
@@ -372,11 +372,8 @@ def main() -> int:
     if os.geteuid() != 0:
         print("the benchmark needs root (network namespaces)", file=sys.stderr)
         return 2
-    # Installed, the helper's modules are byte-compiled (the package's
-    # postinst runs py3compile, added by dh_python3). A source tree run with
-    # PYTHONDONTWRITEBYTECODE=1, or never imported before, would compile every
-    # module at each start: ~150 ms more from exec to the names held here.
-    compileall.compile_dir(str(REPO / "pvevmstate"), quiet=1)
+    # As installed: the helper's modules, pyroute2's and sdbus's byte-compiled.
+    byte_compile()
     work = Path(tempfile.mkdtemp(prefix="pvevmstate-bench-"))
     results = []
     try:
