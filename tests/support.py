@@ -39,23 +39,29 @@ _counter = itertools.count()
 PERL_CALLER = REPO / "tests" / "data" / "qemu-server-stop.pl"
 
 
-def byte_compile() -> None:
-    """Byte-compile the helper's modules and the libraries it imports, as installed.
+def byte_compile(*trees: Path) -> None:
+    """Byte-compile the helper's modules (of this checkout and ``trees``) and,
+    in a virtualenv, the libraries it imports: as they are installed.
 
     Installed, the helper and python3-pyroute2 and python3-sdbus are
-    byte-compiled (their postinst runs py3compile). A checkout, or a virtualenv
-    filled by pip under ``PYTHONDONTWRITEBYTECODE=1`` (pip then compiles
-    nothing), is not: every helper the tests or the benchmark start would then
-    compile what it imports, which on this machine took ~130 ms (pyroute2 and
-    sdbus) and ~150 ms (its own modules) from exec to the names held.
+    byte-compiled (their postinst runs py3compile), and pip compiles what it
+    installs. A checkout run under ``PYTHONDONTWRITEBYTECODE=1`` is not, nor a
+    virtualenv whose ``__pycache__`` directories were removed (this machine's
+    was, before benchmark run 49): every helper the tests or the benchmark
+    start then compiles what it imports, which here took ~150 ms (its own
+    modules) and ~130 ms (pyroute2's and sdbus's) from exec to the names held.
     ``compileall`` writes the files whatever that variable says, and skips
-    those already up to date; a directory this user cannot write (a
-    distribution's, compiled by its package) is left alone.
+    those already up to date. Libraries outside a virtualenv are left alone:
+    a distribution's are its package's business (and root could write there).
     """
-    dirs = [REPO / "pvevmstate"]
-    for name in ("pyroute2", "sdbus"):
-        spec = importlib.util.find_spec(name)
-        dirs += [Path(p) for p in (spec.submodule_search_locations or [])] if spec is not None else []
+    dirs = [REPO / "pvevmstate", *(tree / "pvevmstate" for tree in trees)]
+    venv = Path(sys.prefix)
+    if sys.prefix != sys.base_prefix:
+        for name in ("pyroute2", "sdbus"):
+            spec = importlib.util.find_spec(name)
+            for location in (spec.submodule_search_locations or []) if spec is not None else []:
+                if Path(location).resolve().is_relative_to(venv.resolve()):
+                    dirs.append(Path(location))
     for directory in dirs:
         if os.access(directory, os.W_OK):
             compileall.compile_dir(str(directory), quiet=2)

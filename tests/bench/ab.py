@@ -9,9 +9,9 @@ drift between two benchmark runs, not than the difference within a pair.
 
     python3 -m tests.bench.ab N ROUNDS TREE_A TREE_B
 
-Each tree is a checkout, byte-compiled as installed (``python3 -m compileall
-pvevmstate``; the libraries the helper imports are compiled here); the helper
-runs from the tree's directory. Prints medians of Save as the caller sees it
+Each tree is a checkout, byte-compiled here as installed, with the libraries
+the helper imports (``support.byte_compile``); the helper runs from the
+tree's directory. Prints medians of Save as the caller sees it
 ("save"), as its journal line gives it ("inside"), the difference ("gap"), the
 kernel's dump, and in how many pairs B was the faster.
 """
@@ -84,7 +84,7 @@ def main() -> int:
     parser.add_argument("trees", type=Path, nargs=2)
     args = parser.parse_args()
     trees = [t.resolve() for t in args.trees]
-    byte_compile()
+    byte_compile(*trees)
     samples, kernel = asyncio.run(rounds(args.entries, args.rounds, trees))
     med = statistics.median
     for label, tree in zip("AB", trees, strict=True):
