@@ -131,9 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="stay this long after a Save or Load was answered, so the caller can "
                              "read NumMigratedEntries and call Quit (default: %(default)g)")
     parser.add_argument("--format", type=payload_choice, choices=list(Choice), default=Choice.AUTO,
-                        help="what Save sends: save text (readable by the Perl helper and conntrack "
-                             "--load-file), the compact format, or text when everything fits as text "
-                             "and compact otherwise (default: %(default)s); Load reads all of them")
+                        help="what Save sends: auto, the hybrid format every destination reads (this "
+                             "helper's compact records in comment lines, then save lines for a Perl "
+                             "destination, most important first); text, only save lines (the Perl "
+                             "helper's format); compact, only binary records, for the most entries "
+                             "where every node runs this helper (default: %(default)s); Load reads "
+                             "all of them")
     parser.add_argument("--table-reserve", type=reserve, default=DEFAULT_TABLE_RESERVE, metavar="PERCENT",
                         help="Load leaves this share of nf_conntrack_max free (5 to 50 percent), so that "
                              "the kernel evicts no other entries to make room; what does not fit is left "

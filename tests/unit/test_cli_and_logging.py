@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import io
 import logging
+import re
 
 import pytest
 
 from pvevmstate import __main__ as cli
 from pvevmstate import logsetup
 from pvevmstate.qemu import cleanup
+from tests.support import REPO
 
 
 @pytest.mark.parametrize("text", ["100", "101", "4711", "999999999"])
@@ -104,11 +106,11 @@ def _parse(environ: dict[str, str], *argv: str) -> argparse.Namespace:
 
 def test_environment_sets_defaults_and_the_command_line_wins() -> None:
     environ = {"PVE_DBUS_VMSTATE_FORMAT": "text", "PVE_DBUS_VMSTATE_TABLE_RESERVE": "20",
-               "PVE_DBUS_VMSTATE_LINGER": "5", "PVE_DBUS_VMSTATE_QMP_TIMEOUT": "3",
-               "PVE_DBUS_VMSTATE_DEBUG": "yes"}
+               "PVE_DBUS_VMSTATE_LINGER": "5", "PVE_DBUS_VMSTATE_CACHE_INTERVAL": "0.5",
+               "PVE_DBUS_VMSTATE_QMP_TIMEOUT": "3", "PVE_DBUS_VMSTATE_DEBUG": "yes"}
     args = _parse(environ)
-    assert (args.format, args.table_reserve, args.linger, args.qmp_timeout, args.debug) == (
-        "text", 20.0, 5.0, 3.0, True)
+    assert (args.format, args.table_reserve, args.linger, args.cache_interval, args.qmp_timeout, args.debug) == (
+        "text", 20.0, 5.0, 0.5, 3.0, True)
     args = _parse(environ, "--format", "compact", "--table-reserve", "7")
     assert (args.format, args.table_reserve) == ("compact", 7.0)
     plain = _parse({"PVE_DBUS_VMSTATE_FORMAT": "", "PVE_DBUS_VMSTATE_DEBUG": "0"})
@@ -120,9 +122,21 @@ def test_every_environment_variable_names_an_option() -> None:
     assert set(cli.ENVIRONMENT) <= options
 
 
+def test_every_environment_variable_is_in_the_readme_and_the_shipped_file() -> None:
+    """The README's table of the environment file and the file the package
+    ships (every line commented out) name each variable, with its option."""
+    readme = (REPO / "README.md").read_text()
+    table = set(re.findall(r"^  \| `(PVE_DBUS_VMSTATE_\w+)` \| `(--[\w-]+)` \|", readme, re.MULTILINE))
+    assert table == {(variable, option) for option, variable in cli.ENVIRONMENT.items()}
+    shipped = (REPO / "debian" / "pve-dbus-vmstate.default").read_text()
+    assert not [ln for ln in shipped.splitlines() if ln and not ln.startswith("#")]
+    assert set(re.findall(r"^#(PVE_DBUS_VMSTATE_\w+)=", shipped, re.MULTILINE)) == set(cli.ENVIRONMENT.values())
+
+
 @pytest.mark.parametrize(("name", "value"), [
     ("PVE_DBUS_VMSTATE_FORMAT", "binary"), ("PVE_DBUS_VMSTATE_TABLE_RESERVE", "80"),
-    ("PVE_DBUS_VMSTATE_LINGER", "-1"), ("PVE_DBUS_VMSTATE_QMP_TIMEOUT", "soon"), ("PVE_DBUS_VMSTATE_DEBUG", "2"),
+    ("PVE_DBUS_VMSTATE_LINGER", "-1"), ("PVE_DBUS_VMSTATE_CACHE_INTERVAL", "often"),
+    ("PVE_DBUS_VMSTATE_QMP_TIMEOUT", "soon"), ("PVE_DBUS_VMSTATE_DEBUG", "2"),
 ])
 def test_bad_environment_value_is_one_line_naming_it(name: str, value: str,
                                                     capsys: pytest.CaptureFixture[str]) -> None:
