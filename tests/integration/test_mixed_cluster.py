@@ -15,22 +15,22 @@ digit boundaries (see ``steady_lines``) so that every save line keeps its
 length while a test runs: the Perl helper's cut can then be predicted exactly
 from a dump taken before the migration.
 
-What each direction delivers today (measured on this 2-core machine, conntrack
-1.4.7, QEMU 7.2, before issue 13's hybrid payload), 800 / 6,000 entries:
+What each direction delivers (measured on this 2-core machine, conntrack
+1.4.7, QEMU 7.2), 800 / 6,000 entries:
 - Perl source -> our destination: 800 / 5,262 arrive: everything the Perl
   helper sent (158,924 / 1,048,484 bytes, in dump order); the Perl side prints
   4 / 5 lines; its NumMigratedEntries is the count's last digit: 0 / 0.
-- our source (auto) -> Perl destination: 800 arrive (text fits; 3 Perl lines)
-  / 0 arrive: auto sends the binary compact payload (~89 KB) at 6,000,
-  conntrack --load-file rejects it ("unknown option ...") and the Perl side
-  prints ~44,800 lines, ~44,800 of them pack warnings (issue 13).
-- our source (--format text) -> Perl destination at 6,000: 5,145 arrive, every
+- our source (auto, the hybrid payload) -> Perl destination: 800 / 4,592
+  arrive, every assured established entry among them (the save lines after the
+  compact section, most important first); the Perl side prints 3 lines and no
+  pack warning. Before issue 13, auto sent the binary compact payload at
+  6,000: 0 arrived and the Perl side printed ~44,800 pack warnings.
+- our source (--format text) -> Perl destination at 6,000: 5,146 arrive, every
   assured established entry among them; 3 Perl lines.
 - Our payloads fed straight to the Perl helper's Load and to conntrack
-  --load-file (1.4.7 and trixie's 1.4.8 alike): text 800 / 5,153 of 6,000;
-  compact 0 (exit 2, 2 stderr lines; through the Perl helper 6,531 / 44,578
-  pack warnings for 12,759 / 89,158 bytes); auto as text at 800, as compact at
-  6,000.
+  --load-file (1.4.7 and trixie's 1.4.8 alike): text 800 / 5,154 of 6,000;
+  auto 800 / 4,601; compact 0 (exit 2, 2 stderr lines; through the Perl
+  helper 5,891 / 38,626 pack warnings for 12,854 / 78,680 bytes).
 """
 
 from __future__ import annotations
@@ -65,6 +65,7 @@ from tests.support import (
     marked,
     migration_qemus,
     realistic_lines,
+    require,
     start_migration,
     strip_timeout,
     wait_migration,
@@ -259,7 +260,9 @@ def test_our_auto_source_to_perl_destination_6000(rig: Rig) -> None:
     expected, got, _src_count, dst = our_to_perl(rig, 6000, "auto")
     assert len(got) >= 4500
     assert established(expected) <= set(got)  # the most important first
-    assert len(dst.lines()) <= 5, "%d lines, e.g. %s" % (len(dst.lines()), dst.lines()[:3])
+    # listening, restored N bytes, shutting down: as at 800, nothing more.
+    assert len(dst.lines()) == 3, "%d lines, e.g. %s" % (len(dst.lines()), dst.lines()[:3])
+    assert dst.pack_warnings() == 0
 
 
 # ------------------------------------------------------------------ payloads, without a migration
@@ -342,7 +345,11 @@ def test_conntrack_load_file_reads_our_payload(n: int, fmt: str, conntrack: str,
     payload, expected = our_payload(n, fmt, netns_factory, helper_factory)
     ns = netns_factory()
     version = conntrack_version(ns, root)
-    assert version == "v1.4.8" if conntrack == "trixie" else version.startswith("v1.4.")
+    if conntrack == "trixie":
+        assert version == "v1.4.8"
+    else:  # the issue asks for both: on a host with another conntrack, 1.4.7 would go untested
+        require(version == "v1.4.7", "needs conntrack 1.4.7 (Debian bookworm, Proxmox VE 8) on the host, "
+                                     "not %s" % version)
     out = load_with(ns, payload, root)
     got = loaded(ns)
     assert set(got) <= set(expected)
