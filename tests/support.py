@@ -47,7 +47,7 @@ def byte_compile(*trees: Path) -> None:
     byte-compiled (their postinst runs py3compile), and pip compiles what it
     installs. A checkout run under ``PYTHONDONTWRITEBYTECODE=1`` is not, nor a
     virtualenv whose ``__pycache__`` directories were removed (this machine's
-    was, before benchmark run 49): every helper the tests or the benchmark
+    was by benchmark run 49): every helper the tests or the benchmark
     start then compiles what it imports, which here took ~150 ms (its own
     modules) and ~130 ms (pyroute2's and sdbus's) from exec to the names held.
     ``compileall`` writes the files whatever that variable says, and skips

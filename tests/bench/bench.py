@@ -372,7 +372,7 @@ def main() -> int:
     if os.geteuid() != 0:
         print("the benchmark needs root (network namespaces)", file=sys.stderr)
         return 2
-    # As installed: the helper's modules, pyroute2's and sdbus's byte-compiled.
+    # As installed: the helper's modules byte-compiled, and in a virtualenv pyroute2's and sdbus's.
     byte_compile()
     work = Path(tempfile.mkdtemp(prefix="pvevmstate-bench-"))
     results = []
