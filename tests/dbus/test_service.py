@@ -4,9 +4,10 @@ with fake domain collaborators: error names, degradation, no leaked internals.""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -66,23 +67,34 @@ class FakeLifecycle:
 Body = Callable[[VMState1Interface, VMStateHelperInterface], Awaitable[None]]
 
 
+NAME = "com.proxmox.VMStateHelper.VM100"
+
+
+@contextlib.asynccontextmanager
+async def served(backend: FakeBackend, lifecycle: FakeLifecycle
+                 ) -> AsyncIterator[tuple[VMState1Interface, VMStateHelperInterface, SdBus]]:
+    """A service exported on one connection: its proxies on another, and that connection."""
+    server: SdBus = sd_bus_open_system()
+    caller: SdBus = sd_bus_open_system()
+    service = VMStateService(VMState(100, backend), lifecycle)
+    handle = service.export_to_dbus(VMSTATE_PATH, server)
+    await server.request_name_async(NAME, 0)
+    try:
+        yield (VMState1Interface.new_proxy(NAME, VMSTATE_PATH, caller),
+               VMStateHelperInterface.new_proxy(NAME, VMSTATE_PATH, caller), caller)
+    finally:
+        handle.stop()
+        caller.close()
+        server.close()
+
+
 def serve(backend: FakeBackend, lifecycle: FakeLifecycle, body: Body) -> None:
     """Export a service on one connection and run ``body`` against it from another."""
 
     async def main() -> None:
-        server: SdBus = sd_bus_open_system()
-        caller: SdBus = sd_bus_open_system()
-        service = VMStateService(VMState(100, backend), lifecycle)
-        handle = service.export_to_dbus(VMSTATE_PATH, server)
-        await server.request_name_async("com.proxmox.VMStateHelper.VM100", 0)
-        try:
-            await body(VMState1Interface.new_proxy("com.proxmox.VMStateHelper.VM100", VMSTATE_PATH, caller),
-                       VMStateHelperInterface.new_proxy("com.proxmox.VMStateHelper.VM100", VMSTATE_PATH, caller))
+        async with served(backend, lifecycle) as (vm, helper, _caller):
+            await body(vm, helper)
             await asyncio.sleep(0)
-        finally:
-            handle.stop()
-            caller.close()
-            server.close()
 
     asyncio.run(main())
 
@@ -207,30 +219,21 @@ def test_save_counts_what_it_sent_and_announces_it() -> None:
     entries = [e for e in entry_kinds() if e.family == AF_INET][:3]
 
     async def main() -> None:
-        server: SdBus = sd_bus_open_system()
-        caller: SdBus = sd_bus_open_system()
-        service = VMStateService(VMState(100, FakeBackend(entries, CreateResult())), FakeLifecycle())
-        handle = service.export_to_dbus(VMSTATE_PATH, server)
-        name = "com.proxmox.VMStateHelper.VM100"
-        await server.request_name_async(name, 0)
-        changes: asyncio.Queue[Any] = asyncio.Queue()
-        # Returns once dbus-daemon has the match: no signal can slip by.
-        match = await caller.match_signal_async(name, VMSTATE_PATH, "org.freedesktop.DBus.Properties",
-                                                "PropertiesChanged", lambda m: changes.put_nowait(m.get_contents()))
-        try:
-            vm = VMState1Interface.new_proxy(name, VMSTATE_PATH, caller)
-            helper = VMStateHelperInterface.new_proxy(name, VMSTATE_PATH, caller)
-            assert len(await vm.save()) > 1
-            # Set before the loop reads anything after the answer: a Get right after it sees it.
-            assert await helper.num_migrated_entries == 3
-            interface, changed, _ = await asyncio.wait_for(changes.get(), 5)
-            assert interface == "com.proxmox.VMStateHelper"
-            assert changed == {"NumMigratedEntries": ("u", 3)}
-        finally:
-            match.close()
-            handle.stop()
-            caller.close()
-            server.close()
+        async with served(FakeBackend(entries, CreateResult()), FakeLifecycle()) as (vm, helper, caller):
+            changes: asyncio.Queue[Any] = asyncio.Queue()
+            # Returns once dbus-daemon has the match: no signal can slip by.
+            match = await caller.match_signal_async(NAME, VMSTATE_PATH, "org.freedesktop.DBus.Properties",
+                                                    "PropertiesChanged",
+                                                    lambda m: changes.put_nowait(m.get_contents()))
+            try:
+                assert len(await vm.save()) > 1
+                # Set before the loop reads anything after the answer: a Get right after it sees it.
+                assert await helper.num_migrated_entries == 3
+                interface, changed, _ = await asyncio.wait_for(changes.get(), 5)
+                assert interface == "com.proxmox.VMStateHelper"
+                assert changed == {"NumMigratedEntries": ("u", 3)}
+            finally:
+                match.close()
 
     asyncio.run(main())
 
