@@ -210,15 +210,15 @@ class Prefault:
             self._bytes += size
 
     def fill(self, stop: threading.Event | None = None) -> int:
-        """Touch every slice left now, or until ``stop`` is set; the bytes touched in all."""
+        """Touch every slice left now, or until ``stop`` is set; :attr:`touched` then."""
         while self._left > 0 and self._libc is not None and not (stop is not None and stop.is_set()):
             self.step()
         return self._bytes
 
     @property
     def touched(self) -> int:
-        """Bytes touched so far and not yet released (whole slices)."""
-        return len(self._held) * SLICE
+        """Bytes touched so far and not yet released."""
+        return self._bytes
 
     def release(self) -> None:
         """Free what was touched: the allocator hands it out again."""
@@ -229,4 +229,4 @@ class Prefault:
                 self._libc.free(self._mapped)
         self._held.clear()
         self._mapped = None
-        self._left = 0
+        self._left = self._bytes = 0
